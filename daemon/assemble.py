@@ -1,0 +1,132 @@
+"""Decide when a study has finished arriving: quiet for N seconds -> one `analyse` job per version."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy import Engine, exists, select, update
+
+from daemon.config import Settings
+from daemon.db import queue
+from daemon.db.schema import Instance, Study, utcnow
+from daemon.logsetup import kv
+
+log = logging.getLogger(__name__)
+
+ANALYSE = "analyse"
+
+
+def analyse_key(study_uid: str, version: int) -> str:
+    """The idempotency key of a study version's analysis."""
+    return f"{ANALYSE}:{study_uid}:v{version}"
+
+
+def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_attempts: int) -> bool:
+    """Queue the study's open version if it has been quiet long enough; True when queued.
+
+    The version is bumped in the same transaction, so instances arriving from now on join
+    the next version and an analysis never misses or repeats an instance.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
+    with engine.begin() as conn:
+        study = conn.execute(
+            select(Study.id, Study.version, Study.last_received_at).where(
+                Study.study_uid == study_uid
+            )
+        ).one_or_none()
+        if study is None or study.last_received_at > cutoff:
+            return False
+        pending = conn.execute(
+            select(
+                exists().where(
+                    Instance.study_id == study.id,
+                    Instance.study_version == study.version,
+                )
+            )
+        ).scalar_one()
+        if not pending:
+            return False
+        bumped = conn.execute(
+            update(Study)
+            .where(Study.id == study.id, Study.version == study.version)
+            .values(version=Study.version + 1)
+        ).rowcount
+        if bumped != 1:
+            return False
+        job_id = queue.enqueue(
+            conn,
+            ANALYSE,
+            analyse_key(study_uid, study.version),
+            max_attempts=max_attempts,
+            study_id=study.id,
+            payload={"study_uid": study_uid, "study_version": study.version},
+        )
+    log.info(
+        "study queued for analysis",
+        extra=kv(study=study_uid, version=study.version, job=job_id),
+    )
+    return True
+
+
+def quiet_studies(engine: Engine, quiet_seconds: float) -> list[str]:
+    """Studies with unanalysed instances and no arrival for `quiet_seconds` (the safety net)."""
+    cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
+    open_version = exists().where(
+        Instance.study_id == Study.id, Instance.study_version == Study.version
+    )
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(Study.study_uid).where(Study.last_received_at <= cutoff, open_version)
+            ).scalars()
+        )
+
+
+class Assembler:
+    """A per-study quiet timer on APScheduler, pushed back by each arrival, plus a sweep."""
+
+    def __init__(self, engine: Engine, settings: Settings, scheduler: BaseScheduler) -> None:
+        self._engine = engine
+        self._quiet = settings.assembly.quiet_seconds
+        self._max_attempts = settings.retry.max_attempts
+        self._scheduler = scheduler
+        scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=settings.assembly.sweep_seconds,
+            id="assembly-sweep",
+            next_run_time=dt.datetime.now(dt.UTC),
+            coalesce=True,
+            max_instances=1,
+        )
+
+    def arrived(self, study_uid: str) -> None:
+        """An instance of `study_uid` was committed: restart its quiet timer."""
+        run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._quiet)
+        job_id = f"quiet:{study_uid}"
+        try:
+            self._scheduler.reschedule_job(job_id, trigger="date", run_date=run_at)
+        except JobLookupError:
+            self._scheduler.add_job(
+                self._fire,
+                "date",
+                run_date=run_at,
+                args=[study_uid],
+                id=job_id,
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+
+    def _fire(self, study_uid: str) -> None:
+        close_version(self._engine, study_uid, self._quiet, self._max_attempts)
+
+    def sweep(self) -> int:
+        """Queue what a restart or a lost timer left behind; returns how many were queued."""
+        queued = 0
+        for study_uid in quiet_studies(self._engine, self._quiet):
+            queued += close_version(self._engine, study_uid, self._quiet, self._max_attempts)
+        return queued
+

@@ -1,0 +1,258 @@
+"""The `pacs-ai` command: every operator action, with exit codes 0 ok, 1 failure, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon import __version__
+from daemon.config import ConfigError, Settings, dump_settings, load_settings
+from daemon.logsetup import LEVELS, setup_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("daemon.cli")
+
+
+class CommandFailed(Exception):
+    """A runtime failure worth one line to the operator, exit 1."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.service import serve
+
+    return serve(_settings(args), args.log_level or "info")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from daemon.worker import run_standalone
+
+    return run_standalone(_settings(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.status import collect_status, render_status
+
+    report = collect_status(_settings(args), echo=not args.no_echo)
+    print(json.dumps(report, indent=2, default=str) if args.json else render_status(report))
+    return EXIT_OK
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from daemon.status import list_jobs, render_jobs
+
+    jobs = list_jobs(_settings(args), state=args.state, kind=args.kind, limit=args.limit)
+    print(json.dumps(jobs, indent=2, default=str) if args.json else render_jobs(jobs))
+    return EXIT_OK
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    from daemon.status import render_job_detail, show_job
+
+    job = show_job(_settings(args), args.id)
+    if job is None:
+        raise CommandFailed(f"job {args.id}: no such job")
+    print(json.dumps(job, indent=2, default=str) if args.json else render_job_detail(job))
+    return EXIT_OK
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from daemon.status import operator_retry
+
+    if not operator_retry(_settings(args), args.id):
+        raise CommandFailed(f"job {args.id}: not dead or cancelled, nothing to retry")
+    print(f"job {args.id} queued again")
+    return EXIT_OK
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from daemon.status import operator_cancel
+
+    if not operator_cancel(_settings(args), args.id):
+        raise CommandFailed(f"job {args.id}: already finished or unknown")
+    print(f"job {args.id} cancelled")
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from daemon.db import migrate
+    from daemon.db.engine import make_engine
+
+    settings = _settings(args)
+    engine = make_engine(settings.storage.effective_database_url)
+    try:
+        migrate.upgrade(engine)
+        print(f"database at revision {migrate.current_revision(engine)}")
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(dump_settings(settings), end="")
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from daemon.dispatch.scu import echo
+
+    settings = _settings(args)
+    dest = settings.destination(args.name)
+    outcome = echo(dest, settings.dicom.ae_title)
+    print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {outcome}")
+    return EXIT_OK if outcome.ok else EXIT_FAILURE
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from models.commands import list_models
+
+    directory = args.dir or _settings(args).models.dir
+    return list_models(Path(directory), as_json=args.json)
+
+
+def cmd_models_train(args: argparse.Namespace) -> int:
+    from models.commands import train_command
+
+    return train_command(
+        data=args.data,
+        labels=args.labels,
+        kind=args.kind,
+        out=args.out,
+        cnn=args.cnn,
+        epochs=args.epochs,
+    )
+
+
+def cmd_models_demo(args: argparse.Namespace) -> int:
+    from models.commands import demo_command
+
+    return demo_command(out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree; each leaf sets `func`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None, help="TOML file ($PACSAI_CONFIG)")
+    common.add_argument("--log-level", choices=LEVELS, default=None, help="default: info")
+
+    parser = argparse.ArgumentParser(
+        prog="pacs-ai",
+        description="DICOM processing daemon: receive studies, classify, return SRs.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"pacs-ai {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    leaf(sub, "serve", cmd_serve, "run the receiver, scheduler and worker pool")
+    leaf(sub, "worker", cmd_worker, "run one worker loop (more hosts on a shared database)")
+    p = leaf(sub, "status", cmd_status, "queue, spool and destinations at a glance")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-echo", action="store_true", help="skip the C-ECHO of destinations")
+    p = leaf(sub, "echo", cmd_echo, "C-ECHO a configured destination")
+    p.add_argument("name")
+
+    jobs = sub.add_parser("jobs", help="inspect and steer jobs").add_subparsers(
+        dest="jobs_command", required=True, metavar="ACTION"
+    )
+    p = leaf(jobs, "list", cmd_jobs_list, "list jobs")
+    p.add_argument("--state", choices=["queued", "running", "done", "dead", "cancelled"])
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p = leaf(jobs, "show", cmd_jobs_show, "one job with its results and dispatches")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    leaf(jobs, "retry", cmd_jobs_retry, "queue a dead or cancelled job again").add_argument(
+        "id", type=int
+    )
+    leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a job").add_argument("id", type=int)
+
+    db = sub.add_parser("db", help="database maintenance").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    leaf(db, "upgrade", cmd_db_upgrade, "apply database migrations")
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    leaf(config, "check", cmd_config_check, "validate and print the effective configuration")
+
+    models = sub.add_parser("models", help="classifier models").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION"
+    )
+    p = leaf(models, "list", cmd_models_list, "list the models under [models] dir")
+    p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+    p = leaf(models, "train", cmd_models_train, "train a CNN or LSTM from DICOM and labels")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--kind", choices=["cnn", "lstm"], required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cnn", type=Path, default=None, help="the CNN folder an LSTM builds on")
+    p.add_argument("--epochs", type=int, default=None)
+    p = leaf(models, "demo", cmd_models_demo, "generate the synthetic demo data and models")
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or "info"
+    setup_logging(level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        _report(level, f"configuration error: {exc}")
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        _report(level, str(exc))
+        return EXIT_FAILURE
+    except SQLAlchemyError as exc:
+        _report(level, f"database error: {_first_line(exc)}")
+        return EXIT_FAILURE
+    except OSError as exc:
+        _report(level, f"error: {exc}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+
+
+def _report(level: str, line: str) -> None:
+    if level == "debug":
+        log.exception(line)
+    else:
+        print(f"pacs-ai: {line}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""One typed settings object, read once at start from a TOML file and PACSAI_* variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV = "PACSAI_CONFIG"
+# The environment load_settings was handed; None means os.environ.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("pacsai_environ", default=None)
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as `field: problem` for one log line."""
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are at most 16 characters of the DICOM default repertoire, not blank."""
+    if not value.strip():
+        raise ValueError("AE title must not be blank")
+    if len(value) > 16:
+        raise ValueError("AE title must be 1-16 characters")
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("AE title must not contain a backslash or control characters")
+    return value.strip()
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return value
+
+
+def _check_metrics_port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 (off) and 65535")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, AfterValidator(_check_port)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """Certificate, key and CA bundle for DICOM over TLS (both ways when `ca` is set)."""
+
+    certificate: Path
+    key: Path
+    ca: Path | None = None
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "PACSAI"
+    bind: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_callers: list[AETitle] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    processes: int = Field(default=1, ge=1, le=64)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    max_pdu: int = Field(default=262144, ge=0)
+    drain_seconds: float = Field(default=30.0, ge=0)
+    tls: TLSSettings | None = None
+
+
+class StorageSettings(_Section):
+    spool_dir: Path = Path("/var/lib/pacs-ai/spool")
+    database_url: str | None = None
+    min_free_mb: int = Field(default=1024, ge=0)
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL, or SQLite beside the spool."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.spool_dir.parent.absolute() / 'pacs-ai.db'}"
+
+
+class AssemblySettings(_Section):
+    quiet_seconds: float = Field(default=30.0, ge=0)
+    sweep_seconds: float = Field(default=60.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    count: int = Field(default=1, ge=0, le=64)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    poll_seconds: float = Field(default=0.2, gt=0)
+
+
+class ModelSettings(_Section):
+    dir: Path = Path("/var/lib/pacs-ai/models")
+
+
+class RetrySettings(_Section):
+    """Backoff for failed jobs: first wait, growth, cap and attempt budget."""
+
+    base_seconds: float = Field(default=30.0, gt=0)
+    factor: float = Field(default=2.0, ge=1)
+    cap_seconds: float = Field(default=3600.0, gt=0)
+    max_attempts: int = Field(default=24, ge=1)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+    verify: Literal["none", "find", "commitment"] = "none"
+    tls: TLSSettings | None = None
+
+
+class MetricsSettings(_Section):
+    bind: str = "127.0.0.1"
+    port: Annotated[int, AfterValidator(_check_metrics_port)] = 9110
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """PACSAI_* variables read from a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self.case_sensitive:
+            return dict(self._environ)
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told; built once and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACSAI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destination name {name!r} is used twice")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first so PACSAI_* overrides what the file says.
+        environ = _ENVIRON.get()
+        if environ is not None:
+            env_settings = _MappingEnvSource(settings_cls, environ)
+        return (env_settings, init_settings)
+
+    def destination(self, name: str) -> Destination:
+        """The destination called `name`, or ConfigError naming the known ones."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"destinations: no destination named {name!r} ({known})")
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "config"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's table, with a one-line error naming the file and line on bad TOML."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: permission denied") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build the settings from `path` (or $PACSAI_CONFIG, or defaults) plus the environment."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    data = read_toml(path) if path is not None else {}
+    token = _ENVIRON.set(env)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from exc
+    finally:
+        _ENVIRON.reset(token)
+
+
+def dump_settings(settings: Settings) -> str:
+    """The effective configuration as TOML-like text for `config check`."""
+    data = settings.model_dump(mode="json")
+    lines: list[str] = [f"# database: {settings.storage.effective_database_url}"]
+    for section, value in data.items():
+        if section == "destinations":
+            for dest in value:
+                lines.append("\n[[destinations]]")
+                lines.extend(_toml_pairs(dest))
+        elif isinstance(value, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(_toml_pairs(value))
+    return "\n".join(lines) + "\n"
+
+
+def _toml_pairs(table: dict[str, Any]) -> list[str]:
+    out = []
+    for key, val in table.items():
+        if val is None:
+            out.append(f"# {key} = (not set)")
+        elif isinstance(val, dict):
+            inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in val.items() if v is not None)
+            out.append(f"{key} = {{ {inner} }}")
+        else:
+            out.append(f"{key} = {json.dumps(val)}")
+    return out

@@ -1,0 +1,344 @@
+"""The durable job queue every stage shares: idempotent enqueue, atomic leased claims, retries."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+import select
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, func, text, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from daemon.config import RetrySettings
+from daemon.db.engine import is_sqlite
+from daemon.db.schema import Job, utcnow
+
+NOTIFY_CHANNEL = "pacs_ai_jobs"
+MAX_ERROR_CHARS = 4000
+
+
+class LeaseLost(Exception):
+    """The job's lease passed to another owner; the caller's transaction must roll back."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, then dead after `max_attempts` attempts."""
+
+    base_seconds: float = 30.0
+    factor: float = 2.0
+    cap_seconds: float = 3600.0
+    max_attempts: int = 24
+    jitter: float = 0.1
+
+    @classmethod
+    def from_settings(cls, settings: RetrySettings) -> RetryPolicy:
+        return cls(**settings.model_dump())
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        base = min(self.cap_seconds, self.base_seconds * self.factor ** max(0, attempt - 1))
+        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1.0 + spread))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker holds while it runs a job."""
+
+    id: int
+    kind: str
+    key: str
+    study_id: int | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    lease_owner: str
+    lease_expires_at: dt.datetime
+
+
+def _dialect_insert(conn: Connection) -> Any:
+    return sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert
+
+
+def enqueue(
+    conn: Connection,
+    kind: str,
+    key: str,
+    *,
+    max_attempts: int,
+    payload: dict[str, Any] | None = None,
+    study_id: int | None = None,
+    run_after: dt.datetime | None = None,
+) -> int:
+    """Add a job unless one with `key` exists; return its id either way (idempotent)."""
+    now = utcnow()
+    stmt = (
+        _dialect_insert(conn)(Job)
+        .values(
+            kind=kind,
+            key=key,
+            study_id=study_id,
+            payload=payload or {},
+            state="queued",
+            attempts=0,
+            max_attempts=max_attempts,
+            run_after=run_after or now,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["key"])
+    )
+    conn.execute(stmt)
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text("SELECT pg_notify(:channel, :kind)"), {"channel": NOTIFY_CHANNEL, "kind": kind}
+        )
+    return int(conn.execute(sa_select(Job.id).where(Job.key == key)).scalar_one())
+
+
+def claim(
+    engine: Engine, owner: str, kinds: Sequence[str], lease_seconds: float
+) -> ClaimedJob | None:
+    """Take the oldest due job of `kinds` with a lease, atomically, or None."""
+    now = utcnow()
+    candidate = (
+        sa_select(Job.id)
+        .where(Job.state == "queued", Job.run_after <= now, Job.kind.in_(list(kinds)))
+        .order_by(Job.run_after, Job.id)
+        .limit(1)
+    )
+    if not is_sqlite(engine):
+        candidate = candidate.with_for_update(skip_locked=True)
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    stmt = (
+        update(Job)
+        .where(Job.id == candidate.scalar_subquery())
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            updated_at=now,
+        )
+        .returning(
+            Job.id, Job.kind, Job.key, Job.study_id, Job.payload, Job.attempts, Job.max_attempts
+        )
+    )
+    # On SQLite the engine opens every transaction with BEGIN IMMEDIATE, so the subselect
+    # and the update run under the write lock; on PostgreSQL SKIP LOCKED keeps claimers apart.
+    with engine.begin() as conn:
+        row = conn.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    return ClaimedJob(
+        id=row.id,
+        kind=row.kind,
+        key=row.key,
+        study_id=row.study_id,
+        payload=dict(row.payload or {}),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        lease_owner=owner,
+        lease_expires_at=expires,
+    )
+
+
+def _owned(job_id: int, owner: str) -> Any:
+    return (Job.id == job_id) & (Job.lease_owner == owner) & (Job.state == "running")
+
+
+def heartbeat(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; False when it was lost (reaped or cancelled)."""
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Job)
+            .where(_owned(job_id, owner))
+            .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds), updated_at=now)
+        )
+    return res.rowcount == 1
+
+
+def complete(conn: Connection, job_id: int, owner: str) -> None:
+    """Mark done inside the caller's transaction, so results and completion commit together."""
+    now = utcnow()
+    res = conn.execute(
+        update(Job)
+        .where(_owned(job_id, owner))
+        .values(
+            state="done",
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    if res.rowcount != 1:
+        raise LeaseLost(f"job {job_id}: lease no longer held by {owner}")
+
+
+def fail(
+    engine: Engine,
+    job_id: int,
+    owner: str,
+    error: str,
+    policy: RetryPolicy,
+    *,
+    permanent: bool = False,
+) -> str:
+    """Record a failed attempt: back to the queue after a backoff, or dead; returns the state."""
+    now = utcnow()
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa_select(Job.attempts, Job.max_attempts).where(_owned(job_id, owner))
+        ).one_or_none()
+        if row is None:
+            return "lost"
+        dead = permanent or row.attempts >= row.max_attempts
+        values: dict[str, Any] = {
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "last_error": error[:MAX_ERROR_CHARS],
+            "updated_at": now,
+        }
+        if dead:
+            values.update(state="dead", finished_at=now)
+        else:
+            values.update(
+                state="queued",
+                run_after=now + dt.timedelta(seconds=policy.delay(row.attempts)),
+            )
+        conn.execute(update(Job).where(_owned(job_id, owner)).values(**values))
+    return "dead" if dead else "queued"
+
+
+def release(engine: Engine, job_id: int, owner: str) -> bool:
+    """Give a job back untouched (graceful shutdown): the attempt does not count."""
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Job)
+            .where(_owned(job_id, owner))
+            .values(
+                state="queued",
+                attempts=Job.attempts - 1,
+                lease_owner=None,
+                lease_expires_at=None,
+                run_after=now,
+                updated_at=now,
+            )
+        )
+    return res.rowcount == 1
+
+
+def cancel(engine: Engine, job_id: int) -> bool:
+    """Stop a job for good (operator's decision); a running worker loses its lease."""
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(("queued", "running", "dead")))
+            .values(
+                state="cancelled",
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+    return res.rowcount == 1
+
+
+def retry(engine: Engine, job_id: int) -> bool:
+    """Revive a dead or cancelled job with a fresh attempt budget."""
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(("dead", "cancelled")))
+            .values(state="queued", attempts=0, run_after=now, finished_at=None, updated_at=now)
+        )
+        if res.rowcount == 1 and conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_notify(:c, 'retry')"), {"c": NOTIFY_CHANNEL})
+    return res.rowcount == 1
+
+
+def reap_expired(engine: Engine) -> int:
+    """Return jobs whose lease expired (their worker died) to the queue, or bury them."""
+    now = utcnow()
+    expired = (Job.state == "running") & (Job.lease_expires_at < now)
+    cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    with engine.begin() as conn:
+        dead = conn.execute(
+            update(Job)
+            .where(expired & (Job.attempts >= Job.max_attempts))
+            .values(
+                state="dead", finished_at=now, last_error="lease expired: worker lost", **cleared
+            )
+        ).rowcount
+        requeued = conn.execute(
+            update(Job)
+            .where(expired)
+            .values(
+                state="queued", run_after=now, last_error="lease expired: worker lost", **cleared
+            )
+        ).rowcount
+    return dead + requeued
+
+
+def counts_by_kind_and_state(conn: Connection) -> dict[str, dict[str, int]]:
+    """Job counts for status and metrics."""
+    out: dict[str, dict[str, int]] = {}
+    rows = conn.execute(sa_select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+    for kind, state, n in rows:
+        out.setdefault(kind, {})[state] = n
+    return out
+
+
+def oldest_queued_age(conn: Connection) -> float | None:
+    """Seconds the oldest due job has waited, or None when nothing waits."""
+    now = utcnow()
+    oldest = conn.execute(
+        sa_select(func.min(Job.run_after)).where(Job.state == "queued", Job.run_after <= now)
+    ).scalar_one_or_none()
+    if oldest is None:
+        return None
+    if oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return max(0.0, (now - oldest).total_seconds())
+
+
+class JobWaiter:
+    """Sleeps until a job may be due: PostgreSQL NOTIFY wakes it at once, SQLite polls briefly."""
+
+    def __init__(self, engine: Engine, poll_seconds: float) -> None:
+        self._poll = poll_seconds
+        self._conn: psycopg.Connection[Any] | None = None
+        if not is_sqlite(engine):
+            url = engine.url.set(drivername="postgresql")
+            dsn = url.render_as_string(hide_password=False)
+            self._conn = psycopg.connect(dsn, autocommit=True)
+            self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+    def wait(self, timeout: float) -> None:
+        """Return when woken or after `timeout` seconds (SQLite: at most `poll_seconds`)."""
+        if self._conn is None:
+            time.sleep(min(timeout, self._poll))
+            return
+        ready, _, _ = select.select([self._conn.fileno()], [], [], timeout)
+        if ready:
+            for _ in self._conn.notifies(timeout=0):
+                pass
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,68 @@
+"""One line per record, `key=value` fields, journald-aware; never patient data above DEBUG."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def kv(**fields: Any) -> dict[str, Any]:
+    """Structured fields for a log call: `log.info("stored", extra=kv(sop=uid))`."""
+    return {"kv": fields}
+
+
+def _render(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class LineFormatter(logging.Formatter):
+    """`TIME LEVEL logger message k=v ...`, or `<prio>logger message k=v` under journald."""
+
+    def __init__(self, journald: bool) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "kv", None) or {}
+        parts = [record.name, record.getMessage()]
+        parts += [f"{k}={_render(v)}" for k, v in fields.items()]
+        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+            parts.append("\n" + self.formatException(record.exc_info))
+        elif record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            parts.append(f"exc={_render(f'{type(exc).__name__}: {exc}')}")
+        line = " ".join(parts)
+        if self.journald:
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {line}"
+
+
+def setup_logging(level: str = "info", stream: Any = None) -> None:
+    """Configure the root logger once per process; quiet the libraries' chatter."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(LineFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # pynetdicom logs identifiers (patient names) at INFO; keep it at WARNING unless debugging.
+    noisy = logging.DEBUG if level == "debug" else logging.WARNING
+    for name in ("pynetdicom", "apscheduler", "alembic", "tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(noisy)

@@ -1,0 +1,200 @@
+"""`pacs-ai serve`: wires receiver, assembler, reaper and worker pool; speaks to systemd."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon.assemble import Assembler
+from daemon.config import Settings
+from daemon.db import migrate, queue
+from daemon.db.engine import make_engine
+from daemon.logsetup import kv
+from daemon.receive import Receiver, warn_if_open
+from daemon.sdnotify import Notifier, watchdog_interval
+from daemon.spool import Spool
+from daemon.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+REAP_SECONDS = 15.0
+MODEL_LOAD_TIMEOUT = 600.0
+
+
+class StartupError(Exception):
+    """The service cannot start; the message names the cause for one log line."""
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: drain; a second: stop at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.at_once = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            self.at_once.set()
+        self.stop.set()
+
+
+def check_database(engine: Engine) -> None:
+    """Refuse to serve on a database that is unreachable or not at this code's schema."""
+    try:
+        current = migrate.current_revision(engine)
+    except SQLAlchemyError as exc:
+        raise StartupError(f"database unreachable: {str(exc.orig or exc).strip()}") from exc
+    head = migrate.head_revision()
+    if current != head:
+        raise StartupError(
+            f"database at revision {current or 'none'}, this version needs {head}: "
+            "run `pacs-ai db upgrade`"
+        )
+
+
+class Service:
+    """The running daemon's parts, so health checks and shutdown can reach each one."""
+
+    def __init__(self, settings: Settings, log_level: str = "info") -> None:
+        self.settings = settings
+        self.notifier = Notifier()
+        self.engine = make_engine(settings.storage.effective_database_url)
+        self.spool = Spool(settings.storage.spool_dir)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.assembler = Assembler(self.engine, settings, self.scheduler)
+        self.pool = WorkerPool(settings, log_level)
+        self.receiver = Receiver(settings, self.engine, on_stored=self.assembler.arrived)
+        self._scheduler_tick = time.monotonic()
+
+    def start(self) -> None:
+        """Bring every part up; READY=1 only once all of them are."""
+        check_database(self.engine)
+        warn_if_open(self.settings)
+        self.scheduler.add_job(
+            self._reap, "interval", seconds=REAP_SECONDS, id="reaper", coalesce=True
+        )
+        self.scheduler.add_job(self._tick, "interval", seconds=1.0, id="tick", coalesce=True)
+        self.pool.start()
+        self.scheduler.start()
+        if not self.pool.wait_ready(MODEL_LOAD_TIMEOUT):
+            raise StartupError("workers did not load their models in time")
+        self.receiver.start()
+        self._echo_destinations()
+        log.info(
+            "serving",
+            extra=kv(
+                ae=self.settings.dicom.ae_title,
+                port=self.receiver.port,
+                workers=self.settings.workers.count,
+            ),
+        )
+        self.notifier.ready(self.status_line())
+
+    def _reap(self) -> None:
+        reaped = queue.reap_expired(self.engine)
+        if reaped:
+            log.warning("expired leases returned to the queue", extra=kv(jobs=reaped))
+
+    def _tick(self) -> None:
+        self._scheduler_tick = time.monotonic()
+
+    def _echo_destinations(self) -> None:
+        from daemon.dispatch.scu import echo
+
+        for dest in self.settings.destinations:
+            outcome = echo(dest, self.settings.dicom.ae_title)
+            if outcome.ok:
+                log.info("destination answers", extra=kv(destination=dest.name, echo=str(outcome)))
+            else:
+                log.warning(
+                    "destination does not answer C-ECHO; reports will wait and retry",
+                    extra=kv(destination=dest.name, echo=str(outcome)),
+                )
+
+    def health(self) -> list[str]:
+        """What is wrong right now; empty when the watchdog may be petted."""
+        faults = []
+        if not self.receiver.alive():
+            faults.append("receiver not running")
+        if not self.scheduler.running or time.monotonic() - self._scheduler_tick > 10:
+            faults.append("scheduler stalled")
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            faults.append(f"database: {str(exc.orig or exc).strip().splitlines()[0]}")
+        return faults
+
+    def status_line(self) -> str:
+        """The STATUS= text systemctl shows: the queue at a glance."""
+        try:
+            with self.engine.connect() as conn:
+                counts = queue.counts_by_kind_and_state(conn)
+        except SQLAlchemyError:
+            return "database unreachable"
+        queued = sum(s.get("queued", 0) for s in counts.values())
+        running = sum(s.get("running", 0) for s in counts.values())
+        dead = sum(s.get("dead", 0) for s in counts.values())
+        return f"serving; jobs queued {queued}, running {running}, dead {dead}"
+
+    def run_until_stopped(self, signals: _Signals) -> None:
+        """The health loop: pets the watchdog only while every part is healthy."""
+        interval = watchdog_interval() or 5.0
+        while not signals.stop.wait(interval):
+            faults = self.health()
+            if faults:
+                log.error("unhealthy; not petting the watchdog", extra=kv(faults="; ".join(faults)))
+                self.notifier.status("unhealthy: " + "; ".join(faults))
+                continue
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+
+    def stop(self, signals: _Signals) -> None:
+        """Drain: refuse new associations, finish in-flight ones and jobs, then exit."""
+        drain = 0.0 if signals.at_once.is_set() else self.settings.dicom.drain_seconds
+        self.notifier.stopping()
+        log.info("stopping", extra=kv(drain_seconds=drain))
+        self.receiver.stop_accepting()
+        stopper = threading.Thread(target=self._stop_parts, args=(drain, signals), daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            if signals.at_once.wait(0.2):
+                log.warning("second signal: stopping at once")
+                self.receiver.stop(0.0)
+                self.pool.stop(0.0, at_once=True)
+                break
+        stopper.join(10.0)
+        self.scheduler.shutdown(wait=False)
+        self.engine.dispose()
+        log.info("stopped")
+
+    def _stop_parts(self, drain: float, signals: _Signals) -> None:
+        self.receiver.stop(drain)
+        self.pool.stop(0.0 if signals.at_once.is_set() else drain)
+
+
+def serve(settings: Settings, log_level: str = "info") -> int:
+    """Run until SIGTERM; 0 on a clean stop, 1 when the service could not start."""
+    signals = _Signals()
+    signals.install()
+    service = Service(settings, log_level)
+    try:
+        service.start()
+    except StartupError as exc:
+        log.error("cannot start", extra=kv(reason=str(exc)))
+        service.pool.stop(0.0, at_once=True)
+        return 1
+    service.run_until_stopped(signals)
+    service.stop(signals)
+    return 0

@@ -1,0 +1,294 @@
+"""Worker processes: claim a job with a lease, heartbeat while it runs, record how it ended."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as MpEvent
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from daemon.config import Settings
+from daemon.db import queue
+from daemon.db.engine import make_engine
+from daemon.logsetup import kv, setup_logging
+from daemon.spool import Spool
+
+log = logging.getLogger(__name__)
+
+JOB_KINDS = ("dispatch", "report", "analyse")
+
+
+class ColdShutdown(BaseException):
+    """Raised in the worker's main thread by a second SIGTERM: give the job back now."""
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """What every job handler needs, built once per worker process."""
+
+    settings: Settings
+    engine: Engine
+    spool: Spool
+    owner: str
+    registry: Any = None
+    policy: queue.RetryPolicy = dataclasses.field(default_factory=queue.RetryPolicy)
+
+
+Handler = Callable[[WorkerContext, queue.ClaimedJob], None]
+
+
+def load_handlers() -> dict[str, Handler]:
+    """The job kinds and their handlers; imported late so the parent never loads TensorFlow."""
+    from daemon.analyse import run_analyse
+    from daemon.dispatch.job import run_dispatch
+    from daemon.report.job import run_report
+
+    return {"analyse": run_analyse, "report": run_report, "dispatch": run_dispatch}
+
+
+def load_registry(settings: Settings) -> Any:
+    """The model registry, loaded once per worker."""
+    from models.registry import Registry
+
+    return Registry.load(settings.models.dir)
+
+
+class _Heartbeat(threading.Thread):
+    """Extends the lease while the job runs; notices when the lease was lost."""
+
+    def __init__(self, ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self._ctx = ctx
+        self._job = job
+        self._done = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        lease = self._ctx.settings.workers.lease_seconds
+        while not self._done.wait(lease / 3):
+            try:
+                alive = queue.heartbeat(self._ctx.engine, self._job.id, self._ctx.owner, lease)
+            except OperationalError as exc:
+                log.warning("heartbeat failed", extra=kv(job=self._job.id, error=str(exc)[:200]))
+                continue
+            if not alive:
+                self.lost = True
+                log.warning("lease lost", extra=kv(job=self._job.id))
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
+    """Claim and run one job; False when nothing was due."""
+    job = queue.claim(ctx.engine, ctx.owner, list(handlers), ctx.settings.workers.lease_seconds)
+    if job is None:
+        return False
+    log.info("job started", extra=kv(job=job.id, kind=job.kind, key=job.key, attempt=job.attempts))
+    beat = _Heartbeat(ctx, job)
+    beat.start()
+    started = time.monotonic()
+    try:
+        handlers[job.kind](ctx, job)
+    except ColdShutdown:
+        beat.stop()
+        queue.release(ctx.engine, job.id, ctx.owner)
+        log.warning("job released on shutdown", extra=kv(job=job.id))
+        raise
+    except queue.LeaseLost:
+        beat.stop()
+        log.warning("job abandoned: lease lost", extra=kv(job=job.id))
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
+        beat.stop()
+        _record_failure(ctx, job, exc)
+        return True
+    beat.stop()
+    log.info(
+        "job done",
+        extra=kv(job=job.id, kind=job.kind, seconds=round(time.monotonic() - started, 3)),
+    )
+    return True
+
+
+def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -> None:
+    error = f"{type(exc).__name__}: {exc}"
+    permanent = bool(getattr(exc, "permanent", False))
+    state = queue.fail(ctx.engine, job.id, ctx.owner, error, ctx.policy, permanent=permanent)
+    level = logging.ERROR if state == "dead" else logging.WARNING
+    log.log(
+        level,
+        "job failed",
+        exc_info=exc,
+        extra=kv(job=job.id, kind=job.kind, attempt=job.attempts, now=state, error=error[:300]),
+    )
+    if state == "dead" and job.kind == "dispatch":
+        from daemon.dispatch.job import mark_dead
+
+        mark_dead(ctx.engine, int(job.payload["dispatch_id"]), error)
+
+
+def make_context(settings: Settings, name: str) -> WorkerContext:
+    """A worker's database, spool and models, loaded once."""
+    engine = make_engine(settings.storage.effective_database_url, pool_size=2)
+    return WorkerContext(
+        settings=settings,
+        engine=engine,
+        spool=Spool(settings.storage.spool_dir),
+        owner=f"{socket.gethostname()}:{os.getpid()}:{name}",
+        registry=load_registry(settings),
+        policy=queue.RetryPolicy.from_settings(settings.retry),
+    )
+
+
+def work_loop(
+    ctx: WorkerContext, handlers: dict[str, Handler], stopping: threading.Event
+) -> None:
+    """Run jobs until `stopping` is set; sleep on the queue's waiter when nothing is due."""
+    waiter = queue.JobWaiter(ctx.engine, ctx.settings.workers.poll_seconds)
+    try:
+        while not stopping.is_set():
+            try:
+                if run_one(ctx, handlers):
+                    continue
+            except OperationalError as exc:
+                log.warning("database unavailable", extra=kv(error=str(exc).splitlines()[0]))
+                time.sleep(1.0)
+                continue
+            waiter.wait(timeout=1.0)
+    finally:
+        waiter.close()
+
+
+def _install_signals(stopping: threading.Event) -> None:
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            raise ColdShutdown()
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, level: str) -> None:
+    """Entry point of a spawned pool worker."""
+    setup_logging(level)
+    settings = Settings(**settings_data)
+    stopping = threading.Event()
+    _install_signals(stopping)
+    ctx = make_context(settings, f"w{index}")
+    handlers = load_handlers()
+    ready.set()
+    log.info("worker ready", extra=kv(worker=index, owner=ctx.owner))
+    try:
+        work_loop(ctx, handlers, stopping)
+    except ColdShutdown:
+        log.warning("worker stopped at once", extra=kv(worker=index))
+    finally:
+        ctx.engine.dispose()
+
+
+def run_standalone(settings: Settings) -> int:
+    """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
+    stopping = threading.Event()
+    _install_signals(stopping)
+    ctx = make_context(settings, "standalone")
+    handlers = load_handlers()
+    log.info("worker ready", extra=kv(owner=ctx.owner))
+    try:
+        work_loop(ctx, handlers, stopping)
+    except ColdShutdown:
+        log.warning("worker stopped at once")
+    finally:
+        ctx.engine.dispose()
+    return 0
+
+
+class WorkerPool:
+    """Spawned worker processes, restarted when they die, drained on shutdown."""
+
+    def __init__(self, settings: Settings, log_level: str) -> None:
+        self._settings = settings
+        self._level = log_level
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[BaseProcess | None] = [None] * settings.workers.count
+        self._ready: list[MpEvent] = [self._ctx.Event() for _ in range(settings.workers.count)]
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._supervise, name="pool", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> None:
+        for i in range(len(self._procs)):
+            self._spawn(i)
+        self._monitor.start()
+
+    def _spawn(self, index: int) -> None:
+        self._ready[index].clear()
+        proc = self._ctx.Process(
+            target=worker_process,
+            args=(self._settings.model_dump(mode="json"), index, self._ready[index], self._level),
+            name=f"pacs-ai-worker-{index}",
+        )
+        proc.start()
+        self._procs[index] = proc
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive() and not self._stopping.is_set():
+                    log.error("worker died, restarting", extra=kv(worker=i, code=proc.exitcode))
+                    self.restarts += 1
+                    self._spawn(i)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once every worker has loaded its models."""
+        deadline = time.monotonic() + timeout
+        return all(ev.wait(max(0.0, deadline - time.monotonic())) for ev in self._ready)
+
+    def alive(self) -> bool:
+        return all(p is not None and p.is_alive() for p in self._procs)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+
+    def stop(self, drain_seconds: float, *, at_once: bool = False) -> None:
+        """Warm stop (finish the job) within `drain_seconds`, then cold (release), then kill."""
+        self._stopping.set()
+        procs = [p for p in self._procs if p is not None and p.is_alive()]
+        for p in procs:
+            _signal(p, signal.SIGTERM)
+        if at_once:
+            for p in procs:
+                _signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + (0 if at_once else drain_seconds)
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                _signal(p, signal.SIGTERM)
+                p.join(5.0)
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+
+def _signal(proc: BaseProcess, signum: int) -> None:
+    if proc.pid is not None:
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
