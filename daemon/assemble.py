@@ -1,4 +1,4 @@
-"""Decide when a study has finished arriving: quiet for N seconds -> one `analyse` job per version."""
+"""Decide when a study has finished arriving: quiet for N seconds, then one `analyse` job."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ from sqlalchemy import Engine, exists, select, update
 
 from daemon.config import Settings
 from daemon.db import queue
+from daemon.db.keys import ANALYSE, analyse_key
 from daemon.db.schema import Instance, Study, utcnow
 from daemon.logsetup import kv
 
 log = logging.getLogger(__name__)
-
-ANALYSE = "analyse"
-
-
-def analyse_key(study_uid: str, version: int) -> str:
-    """The idempotency key of a study version's analysis."""
-    return f"{ANALYSE}:{study_uid}:v{version}"
-
 
 def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_attempts: int) -> bool:
     """Queue the study's open version if it has been quiet long enough; True when queued.

@@ -119,6 +119,14 @@ class RetrySettings(_Section):
     jitter: float = Field(default=0.1, ge=0, le=1)
 
 
+class ReportSettings(_Section):
+    """What the report stage produces."""
+
+    no_model_sr: bool = True
+    series_number: int = Field(default=7701, ge=1, le=2**31 - 1)
+    heatmap_top_k: int = Field(default=3, ge=0, le=100)
+
+
 class Destination(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: AETitle
@@ -162,6 +170,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
     destinations: list[Destination] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 

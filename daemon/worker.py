@@ -55,7 +55,10 @@ def load_handlers() -> dict[str, Handler]:
     from daemon.dispatch.job import run_dispatch
     from daemon.report.job import run_report
 
-    return {"analyse": run_analyse, "report": run_report, "dispatch": run_dispatch}
+    def dispatch(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+        run_dispatch(ctx.engine, job, ctx.settings)
+
+    return {"analyse": run_analyse, "report": run_report, "dispatch": dispatch}
 
 
 def load_registry(settings: Settings) -> Any:
@@ -127,7 +130,8 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
 
 def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -> None:
     error = f"{type(exc).__name__}: {exc}"
-    permanent = bool(getattr(exc, "permanent", False))
+    # Stages mark failures that no retry can mend with `retryable = False`.
+    permanent = getattr(exc, "retryable", True) is False
     state = queue.fail(ctx.engine, job.id, ctx.owner, error, ctx.policy, permanent=permanent)
     level = logging.ERROR if state == "dead" else logging.WARNING
     log.log(

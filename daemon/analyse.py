@@ -1,0 +1,227 @@
+"""The `analyse` job: a study version's series from the spool through the models to results."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Connection, insert, select
+
+from daemon.db import queue
+from daemon.db.keys import REPORT, report_key
+from daemon.db.schema import Instance, Result, Series, Study
+from daemon.logsetup import kv
+
+if TYPE_CHECKING:
+    from daemon.worker import WorkerContext
+    from models.infer import SeriesResult
+    from models.registry import Registry
+
+log = logging.getLogger(__name__)
+
+_ROW_DEFAULTS: dict[str, Any] = {
+    "sop_instance_uid": None,
+    "frame_number": None,
+    "label": None,
+    "probability": None,
+    "error": None,
+}
+
+
+class AnalyseFailed(Exception):
+    """The study cannot be analysed as it stands (e.g. a spooled file is missing)."""
+
+    retryable = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesFiles:
+    """One series of a study version as the spool holds it."""
+
+    series_uid: str
+    paths: tuple[Path, ...]
+
+
+def study_series(conn: Connection, study_id: int, version: int) -> list[SeriesFiles]:
+    """The current files of every series, as of `version` (later arrivals belong to the next)."""
+    rows = conn.execute(
+        select(Series.series_uid, Instance.path)
+        .join(Series, Series.id == Instance.series_id)
+        .where(
+            Instance.study_id == study_id,
+            Instance.study_version <= version,
+            Instance.superseded_at.is_(None),
+            Instance.deleted_at.is_(None),
+        )
+        .order_by(Series.id, Instance.id)
+    ).all()
+    grouped: dict[str, list[Path]] = {}
+    for series_uid, path in rows:
+        grouped.setdefault(series_uid, []).append(Path(path))
+    return [SeriesFiles(uid, tuple(paths)) for uid, paths in grouped.items()]
+
+
+def _check_files(series: Sequence[SeriesFiles]) -> None:
+    for s in series:
+        for path in s.paths:
+            if not path.is_file():
+                raise AnalyseFailed(f"instance file missing from the spool: {path}")
+
+
+def _model_fields(manifest: Any, weights_sha256: str) -> dict[str, Any]:
+    return {
+        "model_name": manifest.name,
+        "model_version": manifest.version,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def _class_detail(manifest: Any, index: int) -> dict[str, Any]:
+    label = manifest.classes[index]
+    return {
+        "code": [label.code.scheme, label.code.value, label.code.meaning],
+        "threshold": label.threshold,
+        "clinical_use": manifest.clinical_use,
+        "shadow": manifest.shadow,
+    }
+
+
+def result_rows(series_uid: str, result: SeriesResult, registry: Registry) -> Iterator[dict]:
+    """Rows for one CNN's run: every image and class, then each LSTM's series classes."""
+    sha = {m.manifest.name: m.manifest.weights_sha256 for m in (*registry.cnns, *registry.lstms)}
+    cnn = result.cnn
+    details = [_class_detail(cnn, i) for i in range(len(cnn.classes))]
+    for row, probabilities in zip(result.rows, result.image_probabilities, strict=True):
+        for i, label in enumerate(cnn.classes):
+            yield {
+                **_model_fields(cnn, sha[cnn.name]),
+                "series_uid": series_uid,
+                "level": "image",
+                "sop_instance_uid": row.sop_instance_uid,
+                "frame_number": row.frame,
+                "label": label.name,
+                "probability": float(probabilities[i]),
+                "detail": details[i],
+            }
+    ordering = {
+        "method": result.ordering.method,
+        "spacing_mm": result.ordering.spacing_mm,
+        "gaps": len(result.ordering.gaps),
+        "duplicates": len(result.ordering.duplicates),
+        "notes": list(result.ordering.notes),
+        "slices": [[r.sop_instance_uid, r.frame] for r in result.rows],
+    }
+    for lstm in result.series:
+        manifest = lstm.manifest
+        for i, label in enumerate(manifest.classes):
+            yield {
+                **_model_fields(manifest, sha[manifest.name]),
+                "series_uid": series_uid,
+                "level": "series",
+                "label": label.name,
+                "probability": float(lstm.probabilities[i]),
+                "detail": {**_class_detail(manifest, i), "ordering": ordering},
+            }
+
+
+def analyse_one_series(series: SeriesFiles, registry: Registry) -> list[dict[str, Any]]:
+    """Every applicable model on one series; a failure becomes a row naming the error."""
+    from models.infer import infer_series
+    from models.preprocess import PreprocessError
+    from models.registry import SeriesInfo
+
+    try:
+        info = SeriesInfo.from_files(series.paths)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        return [_failure_row(series.series_uid, "(selection)", exc)]
+    rows: list[dict[str, Any]] = []
+    for choice in registry.select(info):
+        try:
+            result = infer_series(series.paths, choice)
+        except (PreprocessError, InvalidDicomError, ValueError) as exc:
+            log.warning(
+                "series analysis failed",
+                extra=kv(series=series.series_uid, model=choice.cnn.name, error=str(exc)[:300]),
+            )
+            rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice))
+            continue
+        log.info(
+            "series analysed",
+            extra=kv(
+                series=series.series_uid,
+                model=choice.cnn.name,
+                images=len(result.rows),
+                seconds=round(result.timing.total_s, 3),
+            ),
+        )
+        rows.extend(result_rows(series.series_uid, result, registry))
+    return rows
+
+
+def _failure_row(series_uid: str, model: str, exc: Exception, choice: Any = None) -> dict:
+    manifest = choice.cnn.manifest if choice is not None else None
+    return {
+        "series_uid": series_uid,
+        "model_name": model,
+        "model_version": manifest.version if manifest else "",
+        "weights_sha256": manifest.weights_sha256 if manifest else "",
+        "level": "series",
+        "error": f"{type(exc).__name__}: {exc}"[:2000],
+        "detail": {"clinical_use": manifest.clinical_use if manifest else False},
+    }
+
+
+def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+    """Analyse one study version; results, the report job and completion commit together."""
+    version = int(job.payload["study_version"])
+    with ctx.engine.connect() as conn:
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).scalar_one()
+        series = study_series(conn, study.id, version)
+    _check_files(series)
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    for s in series:
+        rows.extend(analyse_one_series(s, ctx.registry))
+    with ctx.engine.begin() as conn:
+        if rows:
+            conn.execute(
+                insert(Result),
+                [
+                    {
+                        **_ROW_DEFAULTS,
+                        **row,
+                        "job_id": job.id,
+                        "study_id": study.id,
+                        "study_version": version,
+                    }
+                    for row in rows
+                ],
+            )
+        queue.enqueue(
+            conn,
+            REPORT,
+            report_key(study.study_uid, version),
+            max_attempts=ctx.settings.retry.max_attempts,
+            study_id=study.id,
+            payload={
+                "study_uid": study.study_uid,
+                "study_version": version,
+                "analyse_job_id": job.id,
+            },
+        )
+        queue.complete(conn, job.id, job.lease_owner)
+    log.info(
+        "study analysed",
+        extra=kv(
+            study=study.study_uid,
+            version=version,
+            series=len(series),
+            results=len(rows),
+            seconds=round(time.monotonic() - started, 3),
+        ),
+    )

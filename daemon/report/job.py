@@ -1,0 +1,223 @@
+"""The `report` job: a study version's results rows -> SR files in the spool -> the outbox."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import Connection, insert, select
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.db import queue
+from daemon.db.keys import DISPATCH, dispatch_key
+from daemon.db.schema import Dispatch, Instance, Report, Result, Study
+from daemon.logsetup import kv
+from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
+from daemon.report.sr import build_no_applicable_model_sr, build_sr
+from daemon.report.uids import series_uid, sr_uid
+from daemon.spool import Spool
+
+if TYPE_CHECKING:
+    from daemon.worker import WorkerContext
+
+log = logging.getLogger(__name__)
+
+SOURCES_FOR_NO_MODEL = 1
+
+
+def device_info(settings: Settings) -> DeviceInfo:
+    """The daemon as the SR's observer device; its UID is stable per AE title."""
+    uid = generate_uid(prefix=None, entropy_srcs=["pacs-ai/device/v1", settings.dicom.ae_title])
+    return DeviceInfo(ae_title=settings.dicom.ae_title, software_version=__version__, device_uid=uid)
+
+
+def findings_from_results(
+    rows: Sequence[Result], sop_classes: dict[str, str]
+) -> tuple[list[Finding], list[SeriesFailure]]:
+    """One finding per model output and series: the top image per class, or the series' value."""
+    failures = [
+        SeriesFailure(r.series_uid, r.model_name, r.error) for r in rows if r.error is not None
+    ]
+    best: dict[tuple[str, str, str, str], Result] = {}
+    for r in rows:
+        if r.error is not None or r.detail.get("shadow"):
+            continue
+        key = (r.series_uid, r.model_name, r.level, r.label or "")
+        if key not in best or (r.probability or 0.0) > (best[key].probability or 0.0):
+            best[key] = r
+    findings = [_finding(r, sop_classes) for r in best.values()]
+    return findings, failures
+
+
+def _finding(r: Result, sop_classes: dict[str, str]) -> Finding:
+    scheme, value, meaning = r.detail["code"]
+    if r.level == "image":
+        refs: Iterable[tuple[str, int | None]] = [(r.sop_instance_uid or "", r.frame_number)]
+    else:
+        refs = [(uid, frame) for uid, frame in r.detail["ordering"]["slices"]]
+    evidence = tuple(
+        dict.fromkeys(Evidence(sop_classes[uid], uid, frame) for uid, frame in refs)
+    )
+    return Finding(
+        model_name=r.model_name,
+        model_version=r.model_version,
+        weights_sha256=r.weights_sha256,
+        level="image" if r.level == "image" else "series",
+        finding=CodeSpec(scheme, value, meaning),
+        probability=min(1.0, max(0.0, float(r.probability or 0.0))),
+        threshold=float(r.detail.get("threshold", 0.5)),
+        evidence=evidence,
+        clinical_use=bool(r.detail.get("clinical_use", False)),
+    )
+
+
+def _headers(paths: Iterable[str]) -> list[Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _study_instances(conn: Connection, study_id: int, version: int) -> list[Instance]:
+    return list(
+        conn.execute(
+            select(Instance)
+            .where(
+                Instance.study_id == study_id,
+                Instance.study_version <= version,
+                Instance.superseded_at.is_(None),
+            )
+            .order_by(Instance.id)
+        ).scalars()
+    )
+
+
+def build_report(
+    conn: Connection, settings: Settings, study: Study, version: int, analyse_job_id: int
+) -> tuple[str, Dataset, Dataset] | None:
+    """The SR and its Enhanced SR fallback for one study version, or None when nothing is due."""
+    rows = list(
+        conn.execute(select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id))
+        .scalars()
+    )
+    instances = _study_instances(conn, study.id, version)
+    by_uid = {i.sop_instance_uid: i for i in instances}
+    findings, failures = findings_from_results(
+        rows, {uid: i.sop_class_uid for uid, i in by_uid.items()}
+    )
+    previous = [
+        pydicom.dcmread(p)
+        for p in conn.execute(
+            select(Report.path)
+            .where(Report.study_id == study.id, Report.study_version < version)
+            .order_by(Report.study_version)
+        ).scalars()
+        if Path(p).is_file()
+    ]
+    common: dict[str, Any] = {
+        "series_instance_uid": series_uid(study.study_uid),
+        "series_number": settings.report.series_number,
+        "instance_number": version,
+        "device": device_info(settings),
+        "previous": previous[-1:],
+    }
+    if not findings and not failures:
+        if not settings.report.no_model_sr or not instances:
+            return None
+        sources = _headers(i.path for i in instances[:SOURCES_FOR_NO_MODEL])
+        keys = ["no-applicable-model"]
+        main_uid = sr_uid(study.study_uid, version, keys)
+        fallback_uid = sr_uid(study.study_uid, version, keys, variant="enhanced")
+        main = build_no_applicable_model_sr(sources, sop_instance_uid=main_uid, **common)
+        fallback = build_no_applicable_model_sr(
+            sources, sop_instance_uid=fallback_uid, sop_class="enhanced", **common
+        )
+        return main_uid, main, fallback
+    referenced = dict.fromkeys(e.sop_instance_uid for f in findings for e in f.evidence)
+    if not referenced:
+        referenced = dict.fromkeys([instances[0].sop_instance_uid])
+    sources = _headers(by_uid[uid].path for uid in referenced)
+    keys = sorted({f.model_key for f in findings} | {f.model_name for f in failures})
+    main_uid = sr_uid(study.study_uid, version, keys)
+    fallback_uid = sr_uid(study.study_uid, version, keys, variant="enhanced")
+    main = build_sr(sources, findings, sop_instance_uid=main_uid, failures=failures, **common)
+    fallback = build_sr(
+        sources,
+        findings,
+        sop_instance_uid=fallback_uid,
+        failures=failures,
+        sop_class="enhanced",
+        **common,
+    )
+    return main_uid, main, fallback
+
+
+def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+    """Write the SR into the spool, then record it, its outbox rows and their jobs at once."""
+    version = int(job.payload["study_version"])
+    with ctx.engine.connect() as conn:
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).scalar_one()
+        built = build_report(conn, ctx.settings, study, version, int(job.payload["analyse_job_id"]))
+    if built is None:
+        with ctx.engine.begin() as conn:
+            queue.complete(conn, job.id, job.lease_owner)
+        log.info("no report for study", extra=kv(study=study.study_uid, version=version))
+        return
+    uid, main, fallback = built
+    spool: Spool = ctx.spool
+    main_path = spool.report_path(study.study_uid, uid)
+    fallback_path = spool.report_path(study.study_uid, fallback.SOPInstanceUID)
+    spool.make_dirs(main_path.parent)
+    spool.write_atomic(main_path, _encode(main))
+    spool.write_atomic(fallback_path, _encode(fallback))
+    with ctx.engine.begin() as conn:
+        report_id = conn.execute(
+            insert(Report)
+            .values(
+                study_id=study.id,
+                study_version=version,
+                sop_instance_uid=uid,
+                sop_class_uid=str(main.SOPClassUID),
+                path=str(main_path),
+                fallback_path=str(fallback_path),
+            )
+            .returning(Report.id)
+        ).scalar_one()
+        enqueue_dispatches(conn, ctx.settings, report_id, study.id)
+        queue.complete(conn, job.id, job.lease_owner)
+    log.info(
+        "report written",
+        extra=kv(study=study.study_uid, version=version, sr=uid, findings=_count_groups(main)),
+    )
+
+
+def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, study_id: int) -> None:
+    """One outbox row and one `dispatch` job per destination, in the caller's transaction."""
+    for dest in settings.destinations:
+        dispatch_id = conn.execute(
+            insert(Dispatch)
+            .values(report_id=report_id, destination=dest.name, state="pending")
+            .returning(Dispatch.id)
+        ).scalar_one()
+        queue.enqueue(
+            conn,
+            DISPATCH,
+            dispatch_key(dispatch_id),
+            max_attempts=settings.retry.max_attempts,
+            study_id=study_id,
+            payload={"dispatch_id": dispatch_id},
+        )
+
+
+def _count_groups(ds: Dataset) -> int:
+    return sum(1 for _ in ds.ContentSequence) if "ContentSequence" in ds else 0
