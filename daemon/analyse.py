@@ -16,6 +16,7 @@ from daemon.db import queue
 from daemon.db.keys import REPORT, report_key
 from daemon.db.schema import Instance, Result, Series, Study
 from daemon.logsetup import kv
+from daemon.metrics import Metrics
 
 if TYPE_CHECKING:
     from daemon.worker import WorkerContext
@@ -129,7 +130,9 @@ def result_rows(series_uid: str, result: SeriesResult, registry: Registry) -> It
             }
 
 
-def analyse_one_series(series: SeriesFiles, registry: Registry) -> list[dict[str, Any]]:
+def analyse_one_series(
+    series: SeriesFiles, registry: Registry, metrics: Metrics | None = None
+) -> list[dict[str, Any]]:
     """Every applicable model on one series; a failure becomes a row naming the error."""
     from models.infer import infer_series
     from models.preprocess import PreprocessError
@@ -150,6 +153,8 @@ def analyse_one_series(series: SeriesFiles, registry: Registry) -> list[dict[str
             )
             rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice))
             continue
+        if metrics is not None:
+            metrics.inference_seconds.labels(choice.cnn.name).observe(result.timing.total_s)
         log.info(
             "series analysed",
             extra=kv(
@@ -186,7 +191,7 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     for s in series:
-        rows.extend(analyse_one_series(s, ctx.registry))
+        rows.extend(analyse_one_series(s, ctx.registry, ctx.metrics))
     with ctx.engine.begin() as conn:
         if rows:
             conn.execute(

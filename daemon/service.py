@@ -17,6 +17,13 @@ from daemon.config import Settings
 from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
 from daemon.logsetup import kv
+from daemon.metrics import (
+    Metrics,
+    QueueCollector,
+    cleanup_multiprocess,
+    enable_multiprocess,
+    serve_metrics,
+)
 from daemon.receive import Receiver, warn_if_open
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.spool import Spool
@@ -73,6 +80,7 @@ class Service:
         self.spool = Spool(settings.storage.spool_dir)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.assembler = Assembler(self.engine, settings, self.scheduler)
+        self.metrics = Metrics()
         self.pool = WorkerPool(settings, log_level)
         self.receiver = Receiver(settings, self.engine, on_stored=self.assembler.arrived)
         self._scheduler_tick = time.monotonic()
@@ -80,6 +88,10 @@ class Service:
     def start(self) -> None:
         """Bring every part up; READY=1 only once all of them are."""
         check_database(self.engine)
+        try:
+            self.spool.prepare()
+        except OSError as exc:
+            raise StartupError(f"spool directory {self.spool.root}: {exc.strerror or exc}") from exc
         warn_if_open(self.settings)
         self.scheduler.add_job(
             self._reap, "interval", seconds=REAP_SECONDS, id="reaper", coalesce=True
@@ -90,6 +102,7 @@ class Service:
         if not self.pool.wait_ready(MODEL_LOAD_TIMEOUT):
             raise StartupError("workers did not load their models in time")
         self.receiver.start()
+        self._start_metrics()
         self._echo_destinations()
         log.info(
             "serving",
@@ -100,6 +113,24 @@ class Service:
             ),
         )
         self.notifier.ready(self.status_line())
+
+    def _start_metrics(self) -> None:
+        if not self.settings.metrics.port:
+            return
+
+        def counts() -> dict[str, dict[str, int]]:
+            with self.engine.connect() as conn:
+                return queue.counts_by_kind_and_state(conn)
+
+        def oldest() -> float | None:
+            with self.engine.connect() as conn:
+                return queue.oldest_queued_age(conn)
+
+        collector = QueueCollector(counts, oldest, self.spool.free_bytes)
+        serve_metrics(
+            self.settings.metrics.bind, self.settings.metrics.port, collector, self.metrics
+        )
+        log.info("metrics served", extra=kv(port=self.settings.metrics.port))
 
     def _reap(self) -> None:
         reaped = queue.reap_expired(self.engine)
@@ -188,13 +219,17 @@ def serve(settings: Settings, log_level: str = "info") -> int:
     """Run until SIGTERM; 0 on a clean stop, 1 when the service could not start."""
     signals = _Signals()
     signals.install()
-    service = Service(settings, log_level)
+    metrics_dir = enable_multiprocess()
     try:
-        service.start()
-    except StartupError as exc:
-        log.error("cannot start", extra=kv(reason=str(exc)))
-        service.pool.stop(0.0, at_once=True)
-        return 1
-    service.run_until_stopped(signals)
-    service.stop(signals)
-    return 0
+        service = Service(settings, log_level)
+        try:
+            service.start()
+        except StartupError as exc:
+            log.error("cannot start", extra=kv(reason=str(exc)))
+            service.pool.stop(0.0, at_once=True)
+            return 1
+        service.run_until_stopped(signals)
+        service.stop(signals)
+        return 0
+    finally:
+        cleanup_multiprocess(metrics_dir)

@@ -23,6 +23,7 @@ from daemon.config import Settings
 from daemon.db import queue
 from daemon.db.engine import make_engine
 from daemon.logsetup import kv, setup_logging
+from daemon.metrics import Metrics
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class WorkerContext:
     owner: str
     registry: Any = None
     policy: queue.RetryPolicy = dataclasses.field(default_factory=queue.RetryPolicy)
+    metrics: Metrics | None = None
 
 
 Handler = Callable[[WorkerContext, queue.ClaimedJob], None]
@@ -105,6 +107,7 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
     beat = _Heartbeat(ctx, job)
     beat.start()
     started = time.monotonic()
+    _observe_start(ctx, job)
     try:
         handlers[job.kind](ctx, job)
     except ColdShutdown:
@@ -121,6 +124,8 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
         _record_failure(ctx, job, exc)
         return True
     beat.stop()
+    if ctx.metrics is not None and job.kind == "analyse":
+        ctx.metrics.analysis_seconds.observe(time.monotonic() - started)
     log.info(
         "job done",
         extra=kv(job=job.id, kind=job.kind, seconds=round(time.monotonic() - started, 3)),
@@ -128,7 +133,14 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
     return True
 
 
+def _observe_start(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+    if ctx.metrics is not None and job.kind == "dispatch":
+        ctx.metrics.dispatch_attempts.labels(job.payload.get("destination", "")).inc()
+
+
 def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -> None:
+    if ctx.metrics is not None and job.kind == "dispatch":
+        ctx.metrics.dispatch_failures.labels(job.payload.get("destination", "")).inc()
     error = f"{type(exc).__name__}: {exc}"
     # Stages mark failures that no retry can mend with `retryable = False`.
     permanent = getattr(exc, "retryable", True) is False
@@ -156,12 +168,11 @@ def make_context(settings: Settings, name: str) -> WorkerContext:
         owner=f"{socket.gethostname()}:{os.getpid()}:{name}",
         registry=load_registry(settings),
         policy=queue.RetryPolicy.from_settings(settings.retry),
+        metrics=Metrics(),
     )
 
 
-def work_loop(
-    ctx: WorkerContext, handlers: dict[str, Handler], stopping: threading.Event
-) -> None:
+def work_loop(ctx: WorkerContext, handlers: dict[str, Handler], stopping: threading.Event) -> None:
     """Run jobs until `stopping` is set; sleep on the queue's waiter when nothing is due."""
     waiter = queue.JobWaiter(ctx.engine, ctx.settings.workers.poll_seconds)
     try:

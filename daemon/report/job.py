@@ -35,7 +35,9 @@ SOURCES_FOR_NO_MODEL = 1
 def device_info(settings: Settings) -> DeviceInfo:
     """The daemon as the SR's observer device; its UID is stable per AE title."""
     uid = generate_uid(prefix=None, entropy_srcs=["pacs-ai/device/v1", settings.dicom.ae_title])
-    return DeviceInfo(ae_title=settings.dicom.ae_title, software_version=__version__, device_uid=uid)
+    return DeviceInfo(
+        ae_title=settings.dicom.ae_title, software_version=__version__, device_uid=uid
+    )
 
 
 def findings_from_results(
@@ -62,9 +64,7 @@ def _finding(r: Result, sop_classes: dict[str, str]) -> Finding:
         refs: Iterable[tuple[str, int | None]] = [(r.sop_instance_uid or "", r.frame_number)]
     else:
         refs = [(uid, frame) for uid, frame in r.detail["ordering"]["slices"]]
-    evidence = tuple(
-        dict.fromkeys(Evidence(sop_classes[uid], uid, frame) for uid, frame in refs)
-    )
+    evidence = tuple(dict.fromkeys(Evidence(sop_classes[uid], uid, frame) for uid, frame in refs))
     return Finding(
         model_name=r.model_name,
         model_version=r.model_version,
@@ -107,8 +107,9 @@ def build_report(
 ) -> tuple[str, Dataset, Dataset] | None:
     """The SR and its Enhanced SR fallback for one study version, or None when nothing is due."""
     rows = list(
-        conn.execute(select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id))
-        .scalars()
+        conn.execute(
+            select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
+        ).scalars()
     )
     instances = _study_instances(conn, study.id, version)
     by_uid = {i.sop_instance_uid: i for i in instances}
@@ -215,7 +216,7 @@ def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, stu
             dispatch_key(dispatch_id),
             max_attempts=settings.retry.max_attempts,
             study_id=study_id,
-            payload={"dispatch_id": dispatch_id},
+            payload={"dispatch_id": dispatch_id, "destination": dest.name},
         )
 
 
