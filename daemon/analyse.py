@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, insert, select
 
+from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.keys import REPORT, report_key
 from daemon.db.schema import Instance, Result, Series, Study
@@ -19,7 +20,6 @@ from daemon.logsetup import kv
 from daemon.metrics import Metrics
 
 if TYPE_CHECKING:
-    from daemon.worker import WorkerContext
     from models.infer import SeriesResult
     from models.registry import Registry
 

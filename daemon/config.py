@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -174,13 +174,14 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
-    @model_validator(mode="after")
-    def _unique_destination_names(self) -> Settings:
-        names = [d.name for d in self.destinations]
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"destination name {name!r} is used twice")
-        return self
+        return destinations
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -16,10 +15,10 @@ from multiprocessing.synchronize import Event as MpEvent
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from daemon.config import Settings
+from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.engine import make_engine
 from daemon.logsetup import kv, setup_logging
@@ -33,19 +32,6 @@ JOB_KINDS = ("dispatch", "report", "analyse")
 
 class ColdShutdown(BaseException):
     """Raised in the worker's main thread by a second SIGTERM: give the job back now."""
-
-
-@dataclasses.dataclass
-class WorkerContext:
-    """What every job handler needs, built once per worker process."""
-
-    settings: Settings
-    engine: Engine
-    spool: Spool
-    owner: str
-    registry: Any = None
-    policy: queue.RetryPolicy = dataclasses.field(default_factory=queue.RetryPolicy)
-    metrics: Metrics | None = None
 
 
 Handler = Callable[[WorkerContext, queue.ClaimedJob], None]

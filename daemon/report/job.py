@@ -6,7 +6,7 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -15,6 +15,7 @@ from sqlalchemy import Connection, insert, select
 
 from daemon import __version__
 from daemon.config import Settings
+from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.keys import DISPATCH, dispatch_key
 from daemon.db.schema import Dispatch, Instance, Report, Result, Study
@@ -23,9 +24,6 @@ from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, Series
 from daemon.report.sr import build_no_applicable_model_sr, build_sr
 from daemon.report.uids import series_uid, sr_uid
 from daemon.spool import Spool
-
-if TYPE_CHECKING:
-    from daemon.worker import WorkerContext
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,507 @@
+"""C-STORE and C-ECHO towards one destination, with every outcome turned into a value.
+
+Nothing here raises for a network or peer problem: the caller gets a `SendOutcome` or
+`EchoOutcome` that says what happened in one line and whether trying again may help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
+
+from daemon.config import Destination, DicomSettings, TLSSettings
+from daemon.logsetup import kv
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+# DIMSE statuses (PS3.4 B.2.3, PS3.7 C); ranges are matched by their high byte.
+SUCCESS = 0x0000
+WARNING_COERCION_OF_DATA_ELEMENTS = 0xB000
+WARNING_ELEMENTS_DISCARDED = 0xB006
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+INVALID_SOP_INSTANCE = 0x0117
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124
+MISTYPED_ARGUMENT = 0x0212
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+WARNING_MEANINGS = {
+    WARNING_COERCION_OF_DATA_ELEMENTS: "coercion of data elements",
+    WARNING_ELEMENTS_DISCARDED: "elements discarded",
+    WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "data set does not match SOP class",
+}
+FAILURE_MEANINGS = {
+    0x0110: "processing failure",
+    INVALID_SOP_INSTANCE: "invalid SOP instance",
+    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
+    NOT_AUTHORIZED: "not authorized",
+    0x0210: "duplicate invocation",
+    0x0211: "unrecognized operation",
+    MISTYPED_ARGUMENT: "mistyped argument",
+    0x0213: "resource limitation",
+}
+# Failures the same bytes will meet again: resending cannot help, the report is dead.
+PERMANENT_FAILURES = frozenset({INVALID_SOP_INSTANCE, MISTYPED_ARGUMENT})
+# A store of the main file that failed with one of these tries the fallback file, if accepted.
+FALLBACK_TRIGGERS = frozenset({SOP_CLASS_NOT_SUPPORTED})
+
+# Outcome kinds: what happened, named.
+SENT = "sent"
+SENT_WITH_WARNING = "sent-with-warning"
+STORE_FAILED = "store-failed"
+NO_RESPONSE = "no-response"
+CONNECT_FAILED = "connect-failed"
+REJECTED = "rejected"
+ABORTED = "aborted"
+NO_CONTEXT = "no-accepted-context"
+BAD_FILE = "bad-file"
+ECHOED = "echoed"
+ECHO_FAILED = "echo-failed"
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScuOptions:
+    """Timeouts (seconds) and PDU size for one association; `from_settings` for the daemon's."""
+
+    connect_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = 262144
+
+    @classmethod
+    def from_settings(cls, dicom: DicomSettings) -> ScuOptions:
+        """The `[dicom]` timeouts, so outbound associations wait as long as inbound ones."""
+        return cls(
+            connect_timeout=dicom.acse_timeout,
+            acse_timeout=dicom.acse_timeout,
+            dimse_timeout=dicom.dimse_timeout,
+            network_timeout=dicom.network_timeout,
+            max_pdu=dicom.max_pdu,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SendOutcome:
+    """What one C-STORE attempt came to.
+
+    Attributes
+    ----------
+    ok: the destination took the instance (success or a warning status).
+    kind: one of the named kinds (SENT, SENT_WITH_WARNING, STORE_FAILED, REJECTED, ...).
+    detail: one line for logs and the dispatch row, e.g. ``0xA700 out of resources``.
+    retryable: whether another attempt later may succeed (the retry budget decides).
+    status: the DIMSE status when the peer answered a C-STORE, else None.
+    sop_class_uid, sop_instance_uid: what was sent (the fallback's when it was used).
+    fallback_used: the Enhanced SR (fallback) file went instead of the main one.
+    """
+
+    ok: bool
+    kind: str
+    detail: str
+    retryable: bool
+    status: int | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    fallback_used: bool = False
+
+    def __str__(self) -> str:
+        """One line for the CLI and logs: `sent (Enhanced SR Storage, fallback): 0x0000 success`."""
+        what = UID(self.sop_class_uid).name if self.sop_class_uid else ""
+        if what and self.fallback_used:
+            what += ", fallback"
+        return f"{self.kind} ({what}): {self.detail}" if what else f"{self.kind}: {self.detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoOutcome:
+    """What one C-ECHO came to; `round_trip_ms` times the C-ECHO itself (not the association)."""
+
+    ok: bool
+    kind: str
+    detail: str
+    status: int | None = None
+    round_trip_ms: float | None = None
+
+    def __str__(self) -> str:
+        """One line for `pacs-ai echo` and the start-up check: `echoed: 0x0000 success in 1 ms`."""
+        timing = f" in {self.round_trip_ms:.1f} ms" if self.round_trip_ms is not None else ""
+        return f"{self.kind}: {self.detail}{timing}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A file we may send and the header facts that decide how."""
+
+    path: Path
+    sop_class_uid: UID
+    sop_instance_uid: UID
+    transfer_syntax: UID
+
+
+def status_meaning(status: int) -> str:
+    """The standard's name for a C-STORE status, for a log line a PACS admin can act on."""
+    if status == SUCCESS:
+        return "success"
+    if status in WARNING_MEANINGS:
+        return WARNING_MEANINGS[status]
+    if status in FAILURE_MEANINGS:
+        return FAILURE_MEANINGS[status]
+    if status & 0xFF00 == OUT_OF_RESOURCES:
+        return "out of resources"
+    if status & 0xFF00 == DATASET_DOES_NOT_MATCH_SOP_CLASS:
+        return "data set does not match SOP class"
+    if status & 0xF000 == CANNOT_UNDERSTAND:
+        return "cannot understand"
+    if status & 0xF000 == 0xB000:
+        return "warning"
+    return "unknown status"
+
+
+def classify_store_status(status: int) -> tuple[str, bool]:
+    """(kind, retryable) for a C-STORE response status: success and warnings count as sent."""
+    if status == SUCCESS:
+        return SENT, False
+    if status & 0xF000 == 0xB000:
+        return SENT_WITH_WARNING, False
+    if status in PERMANENT_FAILURES:
+        return STORE_FAILED, False
+    if status & 0xFF00 == DATASET_DOES_NOT_MATCH_SOP_CLASS or status & 0xF000 == CANNOT_UNDERSTAND:
+        return STORE_FAILED, False
+    # Out of resources, processing failure, not authorized, SOP class not supported, and
+    # anything unknown: the peer or its configuration may change, the retry budget decides.
+    return STORE_FAILED, True
+
+
+def store_outcome(
+    status: int, candidate_sop_class: str, instance: str, fallback: bool
+) -> SendOutcome:
+    """The outcome for a C-STORE response `status`."""
+    kind, retryable = classify_store_status(status)
+    ok = kind in (SENT, SENT_WITH_WARNING)
+    return SendOutcome(
+        ok=ok,
+        kind=kind,
+        detail=f"0x{status:04X} {status_meaning(status)}",
+        retryable=retryable,
+        status=status,
+        sop_class_uid=candidate_sop_class,
+        sop_instance_uid=instance,
+        fallback_used=fallback,
+    )
+
+
+REJECT_PERMANENT = 0x01
+REJECT_TRANSIENT = 0x02
+REJECT_SOURCES = {
+    1: "service user",
+    2: "service provider (ACSE)",
+    3: "service provider (presentation)",
+}
+# (source, reason) -> meaning, PS3.8 9.3.4.
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+def describe_rejection(result: int | None, source: int | None, reason: int | None) -> str:
+    """One line for an A-ASSOCIATE-RJ that names the cause an admin must fix."""
+    kind = "transient" if result == REJECT_TRANSIENT else "permanent"
+    who = REJECT_SOURCES.get(source or 0, f"source {source}")
+    why = REJECT_REASONS.get((source or 0, reason or 0), f"reason {reason}")
+    return f"association rejected ({kind}) by the {who}: {why}"
+
+
+class _Watcher:
+    """Records what the association layer saw, since pynetdicom only logs the details."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.last_acse: Any = None
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+
+    def _on_open(self, event: evt.Event) -> None:
+        self.connected = True
+
+    def _on_acse(self, event: evt.Event) -> None:
+        self.last_acse = event.primitive
+
+    def failure(self, destination: Destination, assoc: Association) -> tuple[str, str]:
+        """(kind, detail) for an association that did not get established."""
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        primitive = self.last_acse
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (
+            REJECT_PERMANENT,
+            REJECT_TRANSIENT,
+        ):
+            text = describe_rejection(
+                primitive.result, primitive.result_source, primitive.diagnostic
+            )
+            return REJECTED, f"{text} ({where})"
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0x00:
+            return NO_CONTEXT, f"no presentation context accepted by {where}"
+        if isinstance(primitive, (A_ABORT, A_P_ABORT)):
+            return ABORTED, f"association aborted by {where}"
+        if not self.connected:
+            return CONNECT_FAILED, f"could not connect to {where}"
+        if assoc.is_aborted:
+            return ABORTED, f"association aborted with {where} (no answer to the request)"
+        return ABORTED, f"association with {where} not established"
+
+
+def _read_candidate(path: Path) -> _Candidate:
+    """Header facts of a file to send; raises OSError or InvalidDicomError when unusable."""
+    ds = dcmread(path, stop_before_pixels=True)
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = getattr(meta, "TransferSyntaxUID", None)
+    if tsyntax is None or "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        raise InvalidDicomError(f"{path}: no transfer syntax, SOP Class or SOP Instance UID")
+    return _Candidate(path, UID(ds.SOPClassUID), UID(ds.SOPInstanceUID), UID(tsyntax))
+
+
+def _contexts(candidates: Sequence[_Candidate]) -> list[PresentationContext]:
+    """Each file's SOP class with its own transfer syntax plus the two uncompressed ones."""
+    contexts: list[PresentationContext] = []
+    seen: set[str] = set()
+    for cand in candidates:
+        if cand.sop_class_uid in seen:
+            continue
+        seen.add(cand.sop_class_uid)
+        if cand.transfer_syntax in UNCOMPRESSED:
+            syntaxes = [
+                cand.transfer_syntax,
+                *(ts for ts in UNCOMPRESSED if ts != cand.transfer_syntax),
+            ]
+            contexts.append(build_context(cand.sop_class_uid, syntaxes))
+        else:
+            # A compressed file can only go as it is: give its syntax a context of its own
+            # so the peer cannot settle for an uncompressed one when it also takes this.
+            contexts.append(build_context(cand.sop_class_uid, [cand.transfer_syntax]))
+            contexts.append(build_context(cand.sop_class_uid, list(UNCOMPRESSED)))
+    return contexts
+
+
+def _sendable(assoc: Association, cand: _Candidate) -> bool:
+    """Whether an accepted context can carry this file (same or convertible syntax)."""
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax != cand.sop_class_uid:
+            continue
+        accepted = UID(cx.transfer_syntax[0])
+        if accepted == cand.transfer_syntax:
+            return True
+        if accepted in UNCOMPRESSED and cand.transfer_syntax in UNCOMPRESSED:
+            return True
+    return False
+
+
+def _tls_args(tls: TLSSettings | None, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """A client TLS context checking the peer against `ca` (or the system CAs)."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context.load_cert_chain(certfile=tls.certificate, keyfile=tls.key)
+    return context, host
+
+
+def _make_ae(calling_ae: str, options: ScuOptions) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = options.connect_timeout
+    ae.acse_timeout = options.acse_timeout
+    ae.dimse_timeout = options.dimse_timeout
+    ae.network_timeout = options.network_timeout
+    ae.maximum_pdu_size = options.max_pdu
+    return ae
+
+
+def _associate(
+    ae: AE,
+    destination: Destination,
+    contexts: list[PresentationContext],
+    watcher: _Watcher,
+) -> Association | str:
+    """The association, or a one-line reason it could not even be attempted (TLS setup)."""
+    try:
+        tls_args = _tls_args(destination.tls, destination.host)
+    except (OSError, ssl.SSLError) as exc:
+        return f"TLS setup failed for {destination.name}: {exc}"
+    return ae.associate(
+        destination.host,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        max_pdu=ae.maximum_pdu_size,
+        evt_handlers=watcher.handlers(),
+        tls_args=tls_args,
+    )
+
+
+def _store(assoc: Association, cand: _Candidate, fallback: bool) -> SendOutcome:
+    """One C-STORE on an established association."""
+    try:
+        rsp: Dataset = assoc.send_c_store(cand.path)
+    except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
+        # ValueError: no usable context or the data set cannot be encoded; the others:
+        # the file changed or broke after its header was read.
+        return SendOutcome(
+            ok=False,
+            kind=BAD_FILE,
+            detail=f"cannot send {cand.path.name}: {exc}",
+            retryable=False,
+            sop_class_uid=cand.sop_class_uid,
+            sop_instance_uid=cand.sop_instance_uid,
+            fallback_used=fallback,
+        )
+    if "Status" not in rsp:
+        kind, how = (ABORTED, "aborted") if assoc.is_aborted else (NO_RESPONSE, "no response")
+        return SendOutcome(
+            ok=False,
+            kind=kind,
+            detail=f"C-STORE {how} (DIMSE timeout or connection lost)",
+            retryable=True,
+            sop_class_uid=cand.sop_class_uid,
+            sop_instance_uid=cand.sop_instance_uid,
+            fallback_used=fallback,
+        )
+    return store_outcome(int(rsp.Status), cand.sop_class_uid, cand.sop_instance_uid, fallback)
+
+
+def send_file(
+    path: Path,
+    fallback_path: Path | None,
+    destination: Destination,
+    calling_ae: str,
+    options: ScuOptions | None = None,
+) -> SendOutcome:
+    """C-STORE `path` to `destination`; send `fallback_path` instead if only its class is taken.
+
+    Both files' SOP classes (read from the files) are proposed on one association, each
+    with the file's own transfer syntax and explicit/implicit little endian. The main
+    file goes when its class is accepted; the fallback (the report's Enhanced SR twin,
+    its own SOP Instance UID) goes when only its class is accepted, or when the main
+    store is refused as "SOP class not supported". Never raises for peer problems.
+    """
+    options = options or ScuOptions()
+    try:
+        main = _read_candidate(path)
+        alternate = _read_candidate(fallback_path) if fallback_path is not None else None
+    except (OSError, InvalidDicomError) as exc:
+        return SendOutcome(False, BAD_FILE, f"cannot read report file: {exc}", retryable=False)
+    candidates = [main] if alternate is None else [main, alternate]
+
+    watcher = _Watcher()
+    assoc = _associate(_make_ae(calling_ae, options), destination, _contexts(candidates), watcher)
+    if isinstance(assoc, str):
+        return SendOutcome(False, CONNECT_FAILED, assoc, retryable=True)
+    if not assoc.is_established:
+        kind, detail = watcher.failure(destination, assoc)
+        if kind == NO_CONTEXT:
+            classes = " or ".join(c.sop_class_uid.name for c in candidates)
+            detail = f"{detail} for {classes}"
+        return SendOutcome(False, kind, detail, retryable=True)
+
+    try:
+        outcome = _send_on(assoc, main, alternate, destination)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    _log_outcome(outcome, destination)
+    return outcome
+
+
+def _send_on(
+    assoc: Association, main: _Candidate, alternate: _Candidate | None, destination: Destination
+) -> SendOutcome:
+    """Pick the file the peer accepted and send it; try the fallback after a class refusal."""
+    alternate_ok = alternate is not None and _sendable(assoc, alternate)
+    if _sendable(assoc, main):
+        outcome = _store(assoc, main, fallback=False)
+        if outcome.ok or outcome.status not in FALLBACK_TRIGGERS or not alternate_ok:
+            return outcome
+        log.warning(
+            "main report refused, sending fallback",
+            extra=kv(destination=destination.name, status=outcome.detail),
+        )
+    if alternate is not None and alternate_ok:
+        return _store(assoc, alternate, fallback=True)
+    classes = " or ".join(
+        f"{c.sop_class_uid.name} ({c.transfer_syntax.name})" for c in (main, alternate) if c
+    )
+    return SendOutcome(
+        False,
+        NO_CONTEXT,
+        f"{destination.ae_title} accepted no presentation context for {classes}",
+        retryable=True,
+    )
+
+
+def _log_outcome(outcome: SendOutcome, destination: Destination) -> None:
+    fields = kv(
+        destination=destination.name,
+        kind=outcome.kind,
+        status=outcome.detail,
+        sop_class=outcome.sop_class_uid,
+        fallback=outcome.fallback_used,
+    )
+    if outcome.kind == SENT:
+        log.info("sent", extra=fields)
+    elif outcome.kind == SENT_WITH_WARNING:
+        log.warning("sent with warning status", extra=fields)
+
+
+def echo(
+    destination: Destination, calling_ae: str, options: ScuOptions | None = None
+) -> EchoOutcome:
+    """C-ECHO `destination`: is it reachable and does it accept us (CLI `echo`, start-up check)."""
+    options = options or ScuOptions()
+    watcher = _Watcher()
+    contexts = [build_context(Verification)]
+    assoc = _associate(_make_ae(calling_ae, options), destination, contexts, watcher)
+    if isinstance(assoc, str):
+        return EchoOutcome(False, CONNECT_FAILED, assoc)
+    if not assoc.is_established:
+        kind, detail = watcher.failure(destination, assoc)
+        return EchoOutcome(False, kind, detail)
+    try:
+        started = time.perf_counter()
+        rsp = assoc.send_c_echo()
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in rsp:
+        return EchoOutcome(False, NO_RESPONSE, "C-ECHO got no response")
+    status = int(rsp.Status)
+    if status != SUCCESS:
+        return EchoOutcome(False, ECHO_FAILED, f"C-ECHO status 0x{status:04X}", status)
+    return EchoOutcome(True, ECHOED, f"0x{status:04X} success", status, round(elapsed_ms, 2))

@@ -1,0 +1,307 @@
+"""Settings come from one TOML file plus PACSAI_* variables; every problem is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, Settings, load_settings
+
+FULL_TOML = """
+[dicom]
+ae_title = "AI_NODE"
+bind = "127.0.0.1"
+port = 4242
+allowed_callers = ["MODALITY1", "PACS"]
+max_associations = 8
+processes = 2
+acse_timeout = 10.0
+dimse_timeout = 20.0
+network_timeout = 25.0
+max_pdu = 65536
+drain_seconds = 5.0
+
+[dicom.tls]
+certificate = "/etc/pacs-ai/server.crt"
+key = "/etc/pacs-ai/server.key"
+ca = "/etc/pacs-ai/ca.pem"
+
+[storage]
+spool_dir = "/srv/pacs-ai/spool"
+database_url = "postgresql://pacsai@db/pacsai"
+min_free_mb = 2048
+
+[assembly]
+quiet_seconds = 12.5
+sweep_seconds = 3.0
+
+[workers]
+count = 3
+lease_seconds = 90.0
+poll_seconds = 0.5
+
+[models]
+dir = "/srv/pacs-ai/models"
+
+[retry]
+base_seconds = 5.0
+factor = 3.0
+cap_seconds = 600.0
+max_attempts = 7
+jitter = 0.2
+
+[metrics]
+bind = "0.0.0.0"
+port = 0
+
+[[destinations]]
+name = "main-pacs"
+ae_title = "MAINPACS"
+host = "pacs.example.org"
+port = 104
+verify = "commitment"
+
+[[destinations]]
+name = "archive"
+ae_title = "ARCHIVE"
+host = "10.0.0.7"
+port = 11112
+
+[destinations.tls]
+certificate = "/etc/pacs-ai/client.crt"
+key = "/etc/pacs-ai/client.key"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pacs-ai.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
+    """The one-line message load_settings raises for a file with `text`."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ or {})
+    return str(info.value)
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load_settings(None, {})
+    assert settings.dicom.ae_title == "PACSAI"
+    assert settings.dicom.port == 11112
+    assert settings.destinations == []
+    assert settings.storage.database_url is None
+
+
+def test_database_defaults_to_sqlite_beside_the_spool(tmp_path: Path, spool_dir: Path) -> None:
+    settings = load_settings(write(tmp_path, f'[storage]\nspool_dir = "{spool_dir}"\n'), {})
+    expected = spool_dir.parent.absolute() / "pacs-ai.db"
+    assert settings.storage.effective_database_url == f"sqlite:///{expected}"
+
+
+def test_default_database_is_beside_the_default_spool() -> None:
+    settings = load_settings(None, {})
+    assert settings.storage.effective_database_url == "sqlite:////var/lib/pacs-ai/pacs-ai.db"
+
+
+def test_configured_database_url_is_used_as_given(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[storage]\ndatabase_url = "postgresql://x/y"\n'), {})
+    assert settings.storage.effective_database_url == "postgresql://x/y"
+
+
+def test_full_file_sets_every_section(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, FULL_TOML), {})
+    assert (s.dicom.ae_title, s.dicom.bind, s.dicom.port) == ("AI_NODE", "127.0.0.1", 4242)
+    assert s.dicom.allowed_callers == ["MODALITY1", "PACS"]
+    assert (s.dicom.max_associations, s.dicom.processes, s.dicom.max_pdu) == (8, 2, 65536)
+    assert (s.dicom.acse_timeout, s.dicom.dimse_timeout) == (10.0, 20.0)
+    assert (s.dicom.network_timeout, s.dicom.drain_seconds) == (25.0, 5.0)
+    assert s.dicom.tls is not None
+    assert s.dicom.tls.certificate == Path("/etc/pacs-ai/server.crt")
+    assert s.dicom.tls.key == Path("/etc/pacs-ai/server.key")
+    assert s.dicom.tls.ca == Path("/etc/pacs-ai/ca.pem")
+    assert s.storage.spool_dir == Path("/srv/pacs-ai/spool")
+    assert s.storage.effective_database_url == "postgresql://pacsai@db/pacsai"
+    assert s.storage.min_free_mb == 2048
+    assert (s.assembly.quiet_seconds, s.assembly.sweep_seconds) == (12.5, 3.0)
+    assert (s.workers.count, s.workers.lease_seconds, s.workers.poll_seconds) == (3, 90.0, 0.5)
+    assert s.models.dir == Path("/srv/pacs-ai/models")
+    assert s.retry.model_dump() == {
+        "base_seconds": 5.0,
+        "factor": 3.0,
+        "cap_seconds": 600.0,
+        "max_attempts": 7,
+        "jitter": 0.2,
+    }
+    assert (s.metrics.bind, s.metrics.port) == ("0.0.0.0", 0)
+    main, archive = s.destinations
+    assert (main.name, main.ae_title, main.host, main.port) == (
+        "main-pacs",
+        "MAINPACS",
+        "pacs.example.org",
+        104,
+    )
+    assert main.verify == "commitment"
+    assert main.tls is None
+    assert (archive.name, archive.port, archive.verify) == ("archive", 11112, "none")
+    assert archive.tls is not None
+    assert archive.tls.ca is None
+    assert s.destination("archive") is archive
+
+
+def test_unknown_destination_name_lists_the_known_ones(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, FULL_TOML), {})
+    with pytest.raises(ConfigError, match=r"^destinations: .*'nowhere'.*main-pacs, archive"):
+        s.destination("nowhere")
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dicom]\nae_title = "FROMFILE"\nport = 4242\n')
+    settings = load_settings(path, {"PACSAI_DICOM__PORT": "104"})
+    assert settings.dicom.port == 104
+    assert settings.dicom.ae_title == "FROMFILE"
+
+
+def test_environment_overrides_a_nested_default_without_a_file() -> None:
+    settings = load_settings(None, {"PACSAI_RETRY__MAX_ATTEMPTS": "3"})
+    assert settings.retry.max_attempts == 3
+    assert settings.retry.base_seconds == 30.0
+
+
+def test_only_the_given_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PACSAI_DICOM__PORT", "104")
+    assert load_settings(None, {}).dicom.port == 11112
+    assert load_settings(None, None).dicom.port == 104
+
+
+def test_pacsai_config_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dicom]\nae_title = "VIAENV"\n')
+    settings = load_settings(None, {"PACSAI_CONFIG": str(path)})
+    assert settings.dicom.ae_title == "VIAENV"
+
+
+def test_explicit_path_wins_over_pacsai_config(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dicom]\nae_title = "EXPLICIT"\n')
+    settings = load_settings(path, {"PACSAI_CONFIG": str(tmp_path / "elsewhere.toml")})
+    assert settings.dicom.ae_title == "EXPLICIT"
+
+
+@pytest.mark.parametrize(
+    "toml_value",
+    [
+        pytest.param('""', id="empty"),
+        pytest.param('"   "', id="blank"),
+        pytest.param('"ABCDEFGHIJKLMNOPQ"', id="17-chars"),
+        pytest.param('"AI\\\\NODE"', id="backslash"),
+        pytest.param('"AI\\u0007NODE"', id="control-char"),
+        pytest.param('"AI\\u007fNODE"', id="delete-char"),
+    ],
+)
+def test_bad_ae_title_is_rejected_naming_the_field(tmp_path: Path, toml_value: str) -> None:
+    message = config_error(tmp_path, f"[dicom]\nae_title = {toml_value}\n")
+    assert message.startswith("dicom.ae_title: ")
+    assert "AE title" in message
+    assert "\n" not in message
+
+
+def test_sixteen_character_ae_title_is_accepted(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[dicom]\nae_title = "ABCDEFGHIJKLMNOP"\n'), {})
+    assert settings.dicom.ae_title == "ABCDEFGHIJKLMNOP"
+
+
+def test_bad_ae_title_from_the_environment_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"^dicom\.ae_title: AE title must not be blank$"):
+        load_settings(None, {"PACSAI_DICOM__AE_TITLE": "  "})
+
+
+def test_bad_allowed_caller_names_its_position(tmp_path: Path) -> None:
+    message = config_error(tmp_path, '[dicom]\nallowed_callers = ["OK", "A\\\\B"]\n')
+    assert message.startswith("dicom.allowed_callers.1: AE title")
+
+
+def test_bad_destination_ae_title_names_the_destination_field(tmp_path: Path) -> None:
+    text = '[[destinations]]\nname = "p"\nae_title = ""\nhost = "h"\nport = 104\n'
+    assert config_error(tmp_path, text).startswith("destinations.0.ae_title: ")
+
+
+@pytest.mark.parametrize("port", [0, 70000, -1, 65536])
+def test_port_out_of_range_is_one_exact_line(tmp_path: Path, port: int) -> None:
+    message = config_error(tmp_path, f"[dicom]\nport = {port}\n")
+    assert message == "dicom.port: must be between 1 and 65535"
+
+
+@pytest.mark.parametrize("port", [1, 65535])
+def test_port_range_ends_are_accepted(tmp_path: Path, port: int) -> None:
+    assert load_settings(write(tmp_path, f"[dicom]\nport = {port}\n"), {}).dicom.port == port
+
+
+def test_port_out_of_range_from_the_environment_is_the_same_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"PACSAI_DICOM__PORT": "70000"})
+    assert str(info.value) == "dicom.port: must be between 1 and 65535"
+
+
+def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
+    assert config_error(tmp_path, "colour = 1\n") == "colour: unknown key"
+
+
+def test_unknown_top_level_section_is_named(tmp_path: Path) -> None:
+    assert config_error(tmp_path, "[dicomm]\nport = 104\n") == "dicomm: unknown key"
+
+
+def test_unknown_key_in_a_section_is_named(tmp_path: Path) -> None:
+    assert config_error(tmp_path, "[dicom]\naetitle = 'X'\n") == "dicom.aetitle: unknown key"
+
+
+def test_unknown_key_in_a_destination_is_named(tmp_path: Path) -> None:
+    text = '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\nuser = "x"\n'
+    assert config_error(tmp_path, text) == "destinations.0.user: unknown key"
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    message = config_error(tmp_path, '[dicom]\nport = "eleven"\n')
+    assert message.startswith("dicom.port: ")
+    assert "integer" in message
+    assert "\n" not in message
+
+
+def test_section_given_as_a_value_is_a_type_error(tmp_path: Path) -> None:
+    assert config_error(tmp_path, "workers = 3\n").startswith("workers: ")
+
+
+def test_corrupt_toml_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "[dicom\nport = 104\n")
+    path = tmp_path / "pacs-ai.toml"
+    assert message.startswith(f"{path}: invalid TOML")
+    assert "line 1" in message
+    assert "\n" not in message
+
+
+def test_duplicate_destination_names_are_rejected(tmp_path: Path) -> None:
+    one = '[[destinations]]\nname = "pacs"\nae_title = "{ae}"\nhost = "h"\nport = 104\n'
+    message = config_error(tmp_path, one.format(ae="A") + one.format(ae="B"))
+    assert "destination name 'pacs' is used twice" in message
+    assert "\n" not in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_missing_file_named_by_pacsai_config_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"PACSAI_CONFIG": str(path)})
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None, {})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.dicom.port = 104  # type: ignore[misc]
+    assert isinstance(settings, Settings)
