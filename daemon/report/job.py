@@ -10,7 +10,6 @@ from typing import Any
 
 import pydicom
 from pydicom import Dataset
-from pydicom.uid import generate_uid
 from sqlalchemy import Connection, insert, select
 
 from daemon import __version__
@@ -22,7 +21,7 @@ from daemon.db.schema import Dispatch, Instance, Report, Result, Study
 from daemon.logsetup import kv
 from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
 from daemon.report.sr import build_no_applicable_model_sr, build_sr
-from daemon.report.uids import series_uid, sr_uid
+from daemon.report.uids import hashed_uid, series_uid, sr_uid
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ SOURCES_FOR_NO_MODEL = 1
 
 def device_info(settings: Settings) -> DeviceInfo:
     """The daemon as the SR's observer device; its UID is stable per AE title."""
-    uid = generate_uid(prefix=None, entropy_srcs=["pacs-ai/device/v1", settings.dicom.ae_title])
+    uid = hashed_uid(["pacs-ai/device/v1", settings.dicom.ae_title])
     return DeviceInfo(
         ae_title=settings.dicom.ae_title, software_version=__version__, device_uid=uid
     )

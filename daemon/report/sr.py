@@ -1,0 +1,390 @@
+"""The AI results of one study as a DICOM Structured Report (TID 1500), built with highdicom."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from highdicom import ContributingEquipment
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    EnhancedSR,
+    ImageLibrary,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from daemon.report.inputs import CodeSpec, DeviceInfo, Finding, SeriesFailure
+from daemon.report.sources import (
+    STANDARD_SCHEMES,
+    check_same_study,
+    clean_source,
+    library_ready,
+    procedure_reported,
+    scheme_designators,
+)
+from daemon.report.uids import model_device_uid
+
+SopClass = Literal["comprehensive3d", "enhanced"]
+
+DEVICE_MODEL_NAME = "pacs-ai"
+SERIES_DESCRIPTION = "AI results"
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+NO_APPLICABLE_MODEL_TEXT = "No AI model applied to any series of this study."
+
+_LANGUAGE = CodedConcept(
+    value="en-US", scheme_designator="RFC5646", meaning="English (United States)"
+)
+_QUALITATIVE_EVALUATIONS = CodedConcept(
+    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
+)
+_IMAGING_MEASUREMENT_REPORT = CodedConcept.from_code(codes.cid7021.ImagingMeasurementReport)
+
+
+def _coded(code: CodeSpec) -> CodedConcept:
+    """A manifest's code as highdicom wants it."""
+    return CodedConcept(
+        value=code.value,
+        scheme_designator=code.scheme,
+        meaning=code.meaning,
+        scheme_version=code.scheme_version,
+    )
+
+
+def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one classifier output: what, by which model, how sure, from what."""
+    finding_code = _coded(finding.finding)
+    algorithm = AlgorithmIdentification(
+        name=finding.model_name,
+        version=finding.model_version,
+        parameters=[
+            f"weights_sha256={finding.weights_sha256}",
+            f"threshold={finding.threshold:g}",
+            f"level={finding.level}",
+        ],
+    )
+    certainty = Measurement(
+        name=codes.DCM.CertaintyOfFinding,
+        value=float(finding.probability),
+        unit=codes.UCUM.NoUnits,
+    )
+    sources = [
+        SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=e.sop_class_uid,
+            referenced_sop_instance_uid=e.sop_instance_uid,
+            referenced_frame_numbers=None if e.frame_number is None else [e.frame_number],
+        )
+        for e in finding.evidence
+    ]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=finding.tracking_uid, identifier=finding.tracking_id
+        ),
+        finding_type=finding_code,
+        algorithm_id=algorithm,
+        measurements=[certainty],
+        source_images=sources,
+    )
+
+
+def _observation_context(device: DeviceInfo) -> ObservationContext:
+    """TID 1001 naming the daemon as the device observer."""
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=device.device_uid,
+                name=device.ae_title,
+                manufacturer_name=device.manufacturer,
+                model_name=DEVICE_MODEL_NAME,
+            ),
+        )
+    )
+
+
+def _texts_container(texts: Sequence[str]) -> ContainerContentItem:
+    """TID 1500 row "Qualitative Evaluations": free-text statements a reader must see."""
+    container = ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            TextContentItem(
+                name=codes.DCM.Comment,
+                value=text,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+            for text in texts
+        ]
+    )
+    return container
+
+
+def _report_content(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    device: DeviceInfo,
+    texts: Sequence[str],
+) -> Dataset:
+    """Root CONTAINER of TID 1500: measurement groups if any, then the texts."""
+    library: dict[str, Dataset] = {}
+    for ds in sources:
+        if library_ready(ds):
+            library.setdefault(str(ds.SOPInstanceUID), ds)
+    library_images = list(library.values())
+    procedure = procedure_reported(sources[0])
+    if findings:
+        report = MeasurementReport(
+            observation_context=_observation_context(device),
+            procedure_reported=procedure,
+            imaging_measurements=[_measurement_group(f) for f in findings],
+            title=_IMAGING_MEASUREMENT_REPORT,
+            language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(_LANGUAGE),
+            referenced_images=library_images or None,
+        )
+        root = report[0]
+    else:
+        # highdicom's MeasurementReport insists on a measurement group; TID 1500 does not
+        # (row 10, Qualitative Evaluations, may stand alone), so build the same root here.
+        root = ContainerContentItem(name=_IMAGING_MEASUREMENT_REPORT, template_id="1500")
+        root.ContentSequence = ContentSequence()
+        root.ContentSequence.extend(LanguageOfContentItemAndDescendants(_LANGUAGE))
+        root.ContentSequence.extend(_observation_context(device))
+        root.ContentSequence.append(
+            CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=procedure,
+                relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+            )
+        )
+        if library_images:
+            root.ContentSequence.extend(ImageLibrary(library_images))
+    if texts:
+        root.ContentSequence.append(_texts_container(texts))
+    return root
+
+
+def _contributing_equipment(findings: Sequence[Finding], device: DeviceInfo) -> list[Dataset]:
+    """IHE AIR: one Processing Equipment item per model, so a PACS knows who produced this."""
+    items: list[Dataset] = []
+    seen: set[str] = set()
+    for finding in findings:
+        if finding.model_key in seen:
+            continue
+        seen.add(finding.model_key)
+        item = ContributingEquipment(
+            manufacturer=device.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=finding.model_name,
+            software_versions=finding.model_version,
+            contribution_description=(
+                f"AI model {finding.model_name} {finding.model_version}, "
+                f"weights sha256 {finding.weights_sha256}"
+            ),
+        )
+        item.DeviceUID = model_device_uid(finding.model_key)
+        items.append(item)
+    return items
+
+
+def _coding_schemes(
+    findings: Sequence[Finding], source: Dataset
+) -> list[CodingSchemeIdentificationItem]:
+    """Declare every non-standard coding scheme the SR will carry (dciodvfy warns otherwise)."""
+    declared: dict[str, CodingSchemeIdentificationItem] = {}
+    for finding in findings:
+        code = finding.finding
+        if code.scheme not in STANDARD_SCHEMES and code.scheme not in declared:
+            declared[code.scheme] = CodingSchemeIdentificationItem(
+                designator=code.scheme,
+                name=code.scheme_name,
+                version=code.scheme_version,
+                responsible_organization="site",
+            )
+    for scheme in scheme_designators(source):
+        if scheme not in STANDARD_SCHEMES and scheme not in declared:
+            declared[scheme] = CodingSchemeIdentificationItem(designator=scheme)
+    return list(declared.values())
+
+
+def _series_description(findings: Sequence[Finding], *, no_model: bool) -> str:
+    """What a PACS series list shows before anyone opens the report."""
+    if no_model:
+        return f"{SERIES_DESCRIPTION} - no applicable model"
+    if any(not f.clinical_use for f in findings):
+        return f"{SERIES_DESCRIPTION} - {NOT_FOR_CLINICAL_USE}"
+    return SERIES_DESCRIPTION
+
+
+def _not_for_clinical_use_text(findings: Sequence[Finding]) -> list[str]:
+    """The warning in the content itself, naming the models it applies to."""
+    names = sorted({f"{f.model_name} {f.model_version}" for f in findings if not f.clinical_use})
+    if not names:
+        return []
+    return [
+        f"{NOT_FOR_CLINICAL_USE}: results of {', '.join(names)} are not approved for clinical use."
+    ]
+
+
+def _check_references(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    previous: Sequence[Dataset],
+    sop_instance_uid: str,
+) -> None:
+    """Fail with the reason before highdicom fails with a less helpful one."""
+    known = {str(ds.SOPInstanceUID) for ds in sources}
+    for finding in findings:
+        missing = [e.sop_instance_uid for e in finding.evidence if e.sop_instance_uid not in known]
+        if missing:
+            raise ValueError(
+                f"finding {finding.tracking_id!r} references instances not in sources: {missing}"
+            )
+    if any(str(ds.SOPInstanceUID) == sop_instance_uid for ds in previous):
+        raise ValueError("a previous version has the SOP Instance UID of the new report")
+
+
+def _build(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    texts: Sequence[str],
+    *,
+    no_model: bool,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    device: DeviceInfo,
+    previous: Sequence[Dataset],
+    is_complete: bool,
+    sop_class: SopClass,
+) -> Dataset:
+    """Shared path of both public builders."""
+    check_same_study(sources)
+    _check_references(sources, findings, previous, sop_instance_uid)
+    # highdicom copies the patient and study modules from the first source only; the rest
+    # are read for references and the image library, so they need no (costly) copy.
+    cleaned = [clean_source(sources[0]), *sources[1:]]
+    texts = [*_not_for_clinical_use_text(findings), *texts]
+    content = _report_content(cleaned, findings, device, texts)
+    if sop_class == "comprehensive3d":
+        document_class: type[Comprehensive3DSR] | type[EnhancedSR] = Comprehensive3DSR
+    elif sop_class == "enhanced":
+        document_class = EnhancedSR
+    else:
+        raise ValueError(f"sop_class must be 'comprehensive3d' or 'enhanced', got {sop_class!r}")
+    return document_class(
+        evidence=cleaned,
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=device.manufacturer,
+        manufacturer_model_name=DEVICE_MODEL_NAME,
+        software_versions=device.software_version,
+        series_description=_series_description(findings, no_model=no_model),
+        is_complete=is_complete,
+        previous_versions=list(previous) or None,
+        contributing_equipment=_contributing_equipment(findings, device),
+        coding_schemes=_coding_schemes(findings, cleaned[0]) or None,
+    )
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    *,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    device: DeviceInfo,
+    previous: Sequence[Dataset] = (),
+    failures: Sequence[SeriesFailure] = (),
+    sop_class: SopClass = "comprehensive3d",
+) -> Dataset:
+    """Build the study's AI results SR: one TID 1501 group per finding, failures as text.
+
+    Parameters
+    ----------
+    sources
+        Headers of the study's instances that the findings reference (at least one; the
+        patient and study modules are copied from the first).
+    findings
+        Classifier outputs; may be empty only when ``failures`` explain why.
+    sop_instance_uid, series_instance_uid
+        Usually :func:`daemon.report.uids.sr_uid` and :func:`daemon.report.uids.series_uid`.
+    previous
+        Earlier versions of this report (Predecessor Documents Sequence).
+    failures
+        Series whose analysis failed; each is stated as text, the rest is still reported.
+    sop_class
+        ``"comprehensive3d"``, or ``"enhanced"`` for destinations that reject it.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A complete SR instance (a highdicom ``Comprehensive3DSR`` or ``EnhancedSR``).
+    """
+    if not findings and not failures:
+        raise ValueError("nothing to report: use build_no_applicable_model_sr")
+    return _build(
+        sources,
+        findings,
+        [f.text for f in failures],
+        no_model=False,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        device=device,
+        previous=previous,
+        is_complete=not failures,
+        sop_class=sop_class,
+    )
+
+
+def build_no_applicable_model_sr(
+    sources: Sequence[Dataset],
+    *,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    device: DeviceInfo,
+    previous: Sequence[Dataset] = (),
+    sop_class: SopClass = "comprehensive3d",
+) -> Dataset:
+    """Build the short SR that says no model applied, so the study is visibly handled."""
+    return _build(
+        sources,
+        (),
+        [NO_APPLICABLE_MODEL_TEXT],
+        no_model=True,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        device=device,
+        previous=previous,
+        is_complete=True,
+        sop_class=sop_class,
+    )
