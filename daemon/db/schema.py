@@ -160,6 +160,7 @@ class Report(Base):
     study_version: Mapped[int] = mapped_column(Integer)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
+    kind: Mapped[str] = mapped_column(String(16), default="sr", server_default="sr")
     path: Mapped[str] = mapped_column(Text)
     fallback_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -181,6 +182,21 @@ class Dispatch(Base):
     last_status: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_sop_class_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    transaction_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    verify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     confirmed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only audit trail; each row carries the hash of the previous one (a chain)."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    event: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
