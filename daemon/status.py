@@ -10,7 +10,8 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from daemon import __version__
 from daemon.config import Settings
-from daemon.db import migrate, queue
+from daemon.db import audit, migrate, queue
+from daemon.db.deliveries import CONFIRMED, SENT, VERIFY_NONE
 from daemon.db.engine import make_engine
 from daemon.db.schema import Dispatch, Instance, Job, Report, Result, Study, utcnow
 
@@ -61,7 +62,7 @@ def _database_status(conn: Connection) -> dict[str, Any]:
     )
     dead = conn.execute(
         select(Job).where(Job.state == "dead").order_by(Job.updated_at.desc()).limit(10)
-    ).scalars()
+    ).all()
     return {
         "studies": count(Study.id),
         "instances": count(Instance.id, Instance.superseded_at.is_(None)),
@@ -79,6 +80,20 @@ def _database_status(conn: Connection) -> dict[str, Any]:
     }
 
 
+def _delivery_counts(conn: Connection, settings: Settings) -> dict[str, int]:
+    """Confirmed reports, and sent ones a verifying destination has not confirmed yet."""
+    verifying = [d.name for d in settings.destinations if d.verify != VERIFY_NONE]
+    confirmed = conn.execute(
+        select(func.count(Dispatch.id)).where(Dispatch.state == CONFIRMED)
+    ).scalar_one()
+    unconfirmed = conn.execute(
+        select(func.count(Dispatch.id)).where(
+            Dispatch.state == SENT, Dispatch.destination.in_(verifying)
+        )
+    ).scalar_one()
+    return {"confirmed": int(confirmed), "unconfirmed": int(unconfirmed)}
+
+
 def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
     """Everything `pacs-ai status` shows, as plain data (the JSON form)."""
     engine = _engine(settings)
@@ -93,6 +108,7 @@ def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
         if revision is not None:
             with engine.connect() as conn:
                 report.update(_database_status(conn))
+                report["deliveries"] = _delivery_counts(conn, settings)
     finally:
         engine.dispose()
     report["spool_dir"] = str(settings.storage.spool_dir)
@@ -154,6 +170,11 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"    {kind:<10} {text}")
         disp = "  ".join(f"{s} {n}" for s, n in sorted(report["dispatches"].items()))
         lines.append(f"  dispatches: {disp or 'none'}")
+        deliveries = report.get("deliveries", {})
+        lines.append(
+            f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
+            f"unconfirmed {deliveries.get('unconfirmed', 0)}"
+        )
         if report["dead_letters"]:
             lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
             for dead in report["dead_letters"]:
@@ -179,7 +200,7 @@ def list_jobs(
         if kind:
             stmt = stmt.where(Job.kind == kind)
         with engine.connect() as conn:
-            return [_job_row(j) for j in conn.execute(stmt).scalars()]
+            return [_job_row(j) for j in conn.execute(stmt).all()]
     finally:
         engine.dispose()
 
@@ -201,13 +222,13 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
     engine = _engine(settings)
     try:
         with engine.connect() as conn:
-            job = conn.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
+            job = conn.execute(select(Job).where(Job.id == job_id)).one_or_none()
             if job is None:
                 return None
             out = _job_row(job)
             results = conn.execute(
                 select(Result).where(Result.job_id == job_id).order_by(Result.id)
-            ).scalars()
+            ).all()
             out["results"] = [
                 {
                     "series_uid": r.series_uid,
@@ -224,24 +245,21 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
                 for r in results
             ]
             if job.study_id is not None:
-                study = conn.execute(select(Study).where(Study.id == job.study_id)).scalar_one()
+                study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
                 out["study_uid"] = study.study_uid
                 rows = conn.execute(
-                    select(Report, Dispatch)
+                    select(
+                        Report.sop_instance_uid,
+                        Report.study_version,
+                        Dispatch.destination,
+                        Dispatch.state.label("dispatch_state"),
+                        Dispatch.last_status,
+                    )
                     .join(Dispatch, Dispatch.report_id == Report.id, isouter=True)
                     .where(Report.study_id == job.study_id)
                     .order_by(Report.id)
                 ).all()
-                out["reports"] = [
-                    {
-                        "sop_instance_uid": rep.sop_instance_uid,
-                        "study_version": rep.study_version,
-                        "destination": d.destination if d else None,
-                        "dispatch_state": d.state if d else None,
-                        "last_status": d.last_status if d else None,
-                    }
-                    for rep, d in rows
-                ]
+                out["reports"] = [dict(row._mapping) for row in rows]
             return out
     finally:
         engine.dispose()
@@ -261,6 +279,16 @@ def render_job_detail(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _audit_operator(conn: Connection, event: str, job_id: int) -> None:
+    """Audit an operator's decision on a job: its id, kind and study, nothing more."""
+    row = conn.execute(
+        select(Job.kind, Study.study_uid)
+        .join(Study, Study.id == Job.study_id, isouter=True)
+        .where(Job.id == job_id)
+    ).one()
+    audit.record(conn, event, study_uid=row.study_uid, job=job_id, kind=row.kind)
+
+
 def operator_retry(settings: Settings, job_id: int) -> bool:
     """Revive a dead job; a dead dispatch row comes back to pending with it."""
     engine = _engine(settings)
@@ -276,6 +304,7 @@ def operator_retry(settings: Settings, job_id: int) -> bool:
                     .where(Dispatch.id == dispatch_id, Dispatch.state.in_(("dead", "cancelled")))
                     .values(state="pending", updated_at=utcnow())
                 )
+            _audit_operator(conn, audit.JOB_RETRIED, job_id)
         return True
     finally:
         engine.dispose()
@@ -296,6 +325,7 @@ def operator_cancel(settings: Settings, job_id: int) -> bool:
                     .where(Dispatch.id == dispatch_id, Dispatch.state == "pending")
                     .values(state="cancelled", updated_at=utcnow())
                 )
+            _audit_operator(conn, audit.JOB_CANCELLED, job_id)
         return True
     finally:
         engine.dispose()

@@ -1,0 +1,65 @@
+"""Fixtures for the models tests: tiny model folders and one quick demo per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from models.demo import DemoConfig, DemoResult, make_demo
+from models.manifest import Manifest, sha256_of, write_manifest
+from models.registry import build_model
+
+MakeFolder = Callable[..., Path]
+
+
+def manifest_fields(name: str, kind: str = "cnn", **overrides: object) -> dict:
+    """A valid manifest as a dict, small enough to build in milliseconds."""
+    code = {"scheme": "99PACSAI", "meaning": "test"}
+    fields: dict = {
+        "name": name,
+        "version": "1",
+        "kind": kind,
+        "classes": [
+            {"name": "normal", "code": {**code, "value": "N"}},
+            {"name": "lesion", "code": {**code, "value": "L"}, "threshold": 0.7},
+        ],
+        "weights_file": "model.weights.h5",
+        "weights_sha256": "0" * 64,
+        "intended_use": "tests only",
+        "clinical_use": False,
+        "embedding_width": 16,
+        "conv_filters": [4, 4, 4],
+        "lstm_units": [4, 4, 4],
+    }
+    if kind == "cnn":
+        fields["input_shape"] = [24, 24, 3]
+    else:
+        fields["embedding_model"] = "cnn-a"
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+def make_folder(tmp_path: Path) -> MakeFolder:
+    """Write a model folder (random weights, manifest with their sha256) under tmp/models."""
+
+    def make(
+        name: str, kind: str = "cnn", folder_name: str | None = None, **overrides: object
+    ) -> Path:
+        folder = tmp_path / "models" / (folder_name or name)
+        folder.mkdir(parents=True)
+        manifest = Manifest.model_validate(manifest_fields(name, kind, **overrides))
+        build_model(manifest).save_weights(folder / manifest.weights_file)
+        digest = sha256_of(folder / manifest.weights_file)
+        write_manifest(manifest.model_copy(update={"weights_sha256": digest}), folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
+    """The demo at its quick size, trained once for every test that needs real models."""
+    return make_demo(tmp_path_factory.mktemp("demo"), DemoConfig.quick(), progress=False)
