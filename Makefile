@@ -11,7 +11,7 @@ $(BIN)/pacs-ai: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $@
+	mkdir -p var/models && touch $@
 
 $(CONFIG):
 	mkdir -p $(dir $(CONFIG))
@@ -21,9 +21,10 @@ $(CONFIG):
 var/models/.demo: | $(BIN)/pacs-ai
 	@if [ -z "$$(find var/models -name 'manifest.*' 2>/dev/null | head -1)" ]; then \
 	  echo "no models under var/models: training the demo models (a few minutes, once)"; \
-	  $(BIN)/pacs-ai models demo --out var/models; \
+	  $(BIN)/pacs-ai models demo --out var/demo && mkdir -p var/models && \
+	  cp -r var/demo/models/. var/models/; \
 	fi
-	touch $@
+	mkdir -p var/models && touch $@
 
 run: $(BIN)/pacs-ai $(CONFIG) var/models/.demo
 	$(BIN)/pacs-ai db upgrade --config $(CONFIG)

@@ -25,6 +25,7 @@ from daemon.metrics import (
     serve_metrics,
 )
 from daemon.receive import Receiver, warn_if_open
+from daemon.retention import schedule as schedule_retention
 from daemon.sdnotify import Notifier, watchdog_interval
 from daemon.spool import Spool
 from daemon.worker import WorkerPool
@@ -97,10 +98,14 @@ class Service:
             self._reap, "interval", seconds=REAP_SECONDS, id="reaper", coalesce=True
         )
         self.scheduler.add_job(self._tick, "interval", seconds=1.0, id="tick", coalesce=True)
+        schedule_retention(self.scheduler, self.engine, self.spool, self.settings)
         self.pool.start()
         self.scheduler.start()
         if not self.pool.wait_ready(MODEL_LOAD_TIMEOUT):
-            raise StartupError("workers did not load their models in time")
+            raise StartupError(
+                f"workers could not load the models in {self.settings.models.dir} "
+                "(the worker's log line names the file and field)"
+            )
         self.receiver.start()
         self._start_metrics()
         self._echo_destinations()

@@ -27,7 +27,7 @@ from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
 
-JOB_KINDS = ("dispatch", "report", "analyse")
+EXIT_BAD_MODELS = 2
 
 
 class ColdShutdown(BaseException):
@@ -41,12 +41,21 @@ def load_handlers() -> dict[str, Handler]:
     """The job kinds and their handlers; imported late so the parent never loads TensorFlow."""
     from daemon.analyse import run_analyse
     from daemon.dispatch.job import run_dispatch
+    from daemon.dispatch.verify import run_verify
     from daemon.report.job import run_report
 
     def dispatch(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         run_dispatch(ctx.engine, job, ctx.settings)
 
-    return {"analyse": run_analyse, "report": run_report, "dispatch": dispatch}
+    def verify(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+        run_verify(ctx.engine, job, ctx.settings)
+
+    return {
+        "analyse": run_analyse,
+        "report": run_report,
+        "dispatch": dispatch,
+        "verify": verify,
+    }
 
 
 def load_registry(settings: Settings) -> Any:
@@ -185,13 +194,24 @@ def _install_signals(stopping: threading.Event) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _context_or_exit(settings: Settings, name: str) -> WorkerContext:
+    """The worker's context; a model folder that cannot load ends the process with one line."""
+    from models.manifest import ManifestError
+
+    try:
+        return make_context(settings, name)
+    except ManifestError as exc:
+        log.error("models cannot be loaded", extra=kv(worker=name, error=str(exc)))
+        raise SystemExit(EXIT_BAD_MODELS) from exc
+
+
 def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, level: str) -> None:
     """Entry point of a spawned pool worker."""
     setup_logging(level)
     settings = Settings(**settings_data)
     stopping = threading.Event()
     _install_signals(stopping)
-    ctx = make_context(settings, f"w{index}")
+    ctx = _context_or_exit(settings, f"w{index}")
     handlers = load_handlers()
     ready.set()
     log.info("worker ready", extra=kv(worker=index, owner=ctx.owner))
@@ -207,7 +227,7 @@ def run_standalone(settings: Settings) -> int:
     """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
     stopping = threading.Event()
     _install_signals(stopping)
-    ctx = make_context(settings, "standalone")
+    ctx = _context_or_exit(settings, "standalone")
     handlers = load_handlers()
     log.info("worker ready", extra=kv(owner=ctx.owner))
     try:
@@ -250,15 +270,24 @@ class WorkerPool:
     def _supervise(self) -> None:
         while not self._stopping.wait(1.0):
             for i, proc in enumerate(self._procs):
-                if proc is not None and not proc.is_alive() and not self._stopping.is_set():
-                    log.error("worker died, restarting", extra=kv(worker=i, code=proc.exitcode))
-                    self.restarts += 1
-                    self._spawn(i)
+                if proc is None or proc.is_alive() or self._stopping.is_set():
+                    continue
+                if proc.exitcode == EXIT_BAD_MODELS:
+                    continue  # restarting cannot help; the worker logged why
+                log.error("worker died, restarting", extra=kv(worker=i, code=proc.exitcode))
+                self.restarts += 1
+                self._spawn(i)
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once every worker has loaded its models."""
+        """True once every worker has loaded its models; False at once if one gave up."""
         deadline = time.monotonic() + timeout
-        return all(ev.wait(max(0.0, deadline - time.monotonic())) for ev in self._ready)
+        while time.monotonic() < deadline:
+            if all(ev.is_set() for ev in self._ready):
+                return True
+            if any(p is not None and p.exitcode == EXIT_BAD_MODELS for p in self._procs):
+                return False
+            time.sleep(0.1)
+        return False
 
     def alive(self) -> bool:
         return all(p is not None and p.is_alive() for p in self._procs)
