@@ -13,7 +13,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, insert, select
 
 from daemon.context import WorkerContext
-from daemon.db import queue
+from daemon.db import audit, queue
 from daemon.db.keys import REPORT, report_key
 from daemon.db.schema import Instance, Result, Series, Study
 from daemon.logsetup import kv
@@ -38,6 +38,12 @@ class AnalyseFailed(Exception):
     """The study cannot be analysed as it stands (e.g. a spooled file is missing)."""
 
     retryable = True
+
+
+class UnknownModels(AnalyseFailed):
+    """The job names models this worker has not loaded: no retry brings them."""
+
+    retryable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +88,30 @@ def _model_fields(manifest: Any, weights_sha256: str) -> dict[str, Any]:
     }
 
 
-def _class_detail(manifest: Any, index: int) -> dict[str, Any]:
+def _class_detail(manifest: Any, index: int, shadow: frozenset[str]) -> dict[str, Any]:
     label = manifest.classes[index]
     return {
         "code": [label.code.scheme, label.code.value, label.code.meaning],
         "threshold": label.threshold,
         "clinical_use": manifest.clinical_use,
-        "shadow": manifest.shadow,
+        "shadow": manifest.shadow or manifest.name in shadow,
     }
 
 
-def result_rows(series_uid: str, result: SeriesResult, registry: Registry) -> Iterator[dict]:
-    """Rows for one CNN's run: every image and class, then each LSTM's series classes."""
+def result_rows(
+    series_uid: str,
+    result: SeriesResult,
+    registry: Registry,
+    shadow: frozenset[str] = frozenset(),
+) -> Iterator[dict]:
+    """Rows for one CNN's run: every image and class, then each LSTM's series classes.
+
+    Models named in `shadow` (the site's `[models] shadow`) are marked like a manifest's
+    `shadow = true`: recorded, never reported.
+    """
     sha = {m.manifest.name: m.manifest.weights_sha256 for m in (*registry.cnns, *registry.lstms)}
     cnn = result.cnn
-    details = [_class_detail(cnn, i) for i in range(len(cnn.classes))]
+    details = [_class_detail(cnn, i, shadow) for i in range(len(cnn.classes))]
     for row, probabilities in zip(result.rows, result.image_probabilities, strict=True):
         for i, label in enumerate(cnn.classes):
             yield {
@@ -126,12 +141,15 @@ def result_rows(series_uid: str, result: SeriesResult, registry: Registry) -> It
                 "level": "series",
                 "label": label.name,
                 "probability": float(lstm.probabilities[i]),
-                "detail": {**_class_detail(manifest, i), "ordering": ordering},
+                "detail": {**_class_detail(manifest, i, shadow), "ordering": ordering},
             }
 
 
 def analyse_one_series(
-    series: SeriesFiles, registry: Registry, metrics: Metrics | None = None
+    series: SeriesFiles,
+    registry: Registry,
+    metrics: Metrics | None = None,
+    shadow: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Every applicable model on one series; a failure becomes a row naming the error."""
     from models.infer import infer_series
@@ -151,7 +169,7 @@ def analyse_one_series(
                 "series analysis failed",
                 extra=kv(series=series.series_uid, model=choice.cnn.name, error=str(exc)[:300]),
             )
-            rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice))
+            rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice, shadow))
             continue
         if metrics is not None:
             metrics.inference_seconds.labels(choice.cnn.name).observe(result.timing.total_s)
@@ -164,12 +182,21 @@ def analyse_one_series(
                 seconds=round(result.timing.total_s, 3),
             ),
         )
-        rows.extend(result_rows(series.series_uid, result, registry))
+        rows.extend(result_rows(series.series_uid, result, registry, shadow))
     return rows
 
 
-def _failure_row(series_uid: str, model: str, exc: Exception, choice: Any = None) -> dict:
+def _failure_row(
+    series_uid: str,
+    model: str,
+    exc: Exception,
+    choice: Any = None,
+    shadow: frozenset[str] = frozenset(),
+) -> dict:
     manifest = choice.cnn.manifest if choice is not None else None
+    detail: dict[str, Any] = {"clinical_use": manifest.clinical_use if manifest else False}
+    if manifest is not None and (manifest.shadow or manifest.name in shadow):
+        detail["shadow"] = True
     return {
         "series_uid": series_uid,
         "model_name": model,
@@ -177,21 +204,73 @@ def _failure_row(series_uid: str, model: str, exc: Exception, choice: Any = None
         "weights_sha256": manifest.weights_sha256 if manifest else "",
         "level": "series",
         "error": f"{type(exc).__name__}: {exc}"[:2000],
-        "detail": {"clinical_use": manifest.clinical_use if manifest else False},
+        "detail": detail,
     }
+
+
+def restrict(registry: Registry, names: Sequence[str]) -> Registry:
+    """The registry limited to `names` (a replay's models), keeping the CNNs their LSTMs need.
+
+    Raises UnknownModels when a name is not loaded here.
+    """
+    loaded = {m.name for m in (*registry.cnns, *registry.lstms)}
+    unknown = sorted(set(names) - loaded)
+    if unknown:
+        raise UnknownModels(f"models not loaded by this worker: {', '.join(unknown)}")
+    lstms = tuple(m for m in registry.lstms if m.name in names)
+    needed = set(names) | {str(m.manifest.embedding_model) for m in lstms}
+    return dataclasses.replace(
+        registry, cnns=tuple(m for m in registry.cnns if m.name in needed), lstms=lstms
+    )
+
+
+def _requested(rows: list[dict[str, Any]], names: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Rows of the requested models only (a CNN run just to feed a named LSTM is not kept)."""
+    if not names:
+        return rows
+    return [r for r in rows if r["model_name"] in names or r.get("error") is not None]
+
+
+def _audit_models(
+    conn: Connection, study_uid: str, version: int, job_id: int, rows: list[dict[str, Any]]
+) -> None:
+    """One audit row per model that ran on the study version, naming its weights' hash."""
+    ran: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        if not row.get("weights_sha256"):
+            continue  # a series no model could even be chosen for
+        key = (row["model_name"], row["model_version"], row["weights_sha256"])
+        entry = ran.setdefault(key, {"results": 0, "errors": 0, "shadow": False})
+        entry["errors" if row.get("error") is not None else "results"] += 1
+        entry["shadow"] = entry["shadow"] or bool(row.get("detail", {}).get("shadow"))
+    for (name, model_version, sha), counts in sorted(ran.items()):
+        audit.record(
+            conn,
+            audit.ANALYSED,
+            study_uid=study_uid,
+            study_version=version,
+            job=job_id,
+            model=name,
+            model_version=model_version,
+            weights_sha256=sha,
+            **counts,
+        )
 
 
 def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     """Analyse one study version; results, the report job and completion commit together."""
     version = int(job.payload["study_version"])
     with ctx.engine.connect() as conn:
-        study = conn.execute(select(Study).where(Study.id == job.study_id)).scalar_one()
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
         series = study_series(conn, study.id, version)
     _check_files(series)
+    names = job.payload.get("models") or None
+    registry = restrict(ctx.registry, names) if names else ctx.registry
+    shadow = frozenset(ctx.settings.models.shadow)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     for s in series:
-        rows.extend(analyse_one_series(s, ctx.registry, ctx.metrics))
+        rows.extend(_requested(analyse_one_series(s, registry, ctx.metrics, shadow), names))
     with ctx.engine.begin() as conn:
         if rows:
             conn.execute(
@@ -220,6 +299,7 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
             },
         )
         queue.complete(conn, job.id, job.lease_owner)
+        _audit_models(conn, study.study_uid, version, job.id, rows)  # last: see daemon.db.audit
     log.info(
         "study analysed",
         extra=kv(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import Engine, exists, select, update
+from sqlalchemy import Connection, Engine, exists, select, update
 
 from daemon.config import Settings
 from daemon.db import queue
@@ -16,6 +17,7 @@ from daemon.db.schema import Instance, Study, utcnow
 from daemon.logsetup import kv
 
 log = logging.getLogger(__name__)
+
 
 def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_attempts: int) -> bool:
     """Queue the study's open version if it has been quiet long enough; True when queued.
@@ -42,26 +44,47 @@ def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_atte
         ).scalar_one()
         if not pending:
             return False
-        bumped = conn.execute(
-            update(Study)
-            .where(Study.id == study.id, Study.version == study.version)
-            .values(version=Study.version + 1)
-        ).rowcount
-        if bumped != 1:
-            return False
-        job_id = queue.enqueue(
-            conn,
-            ANALYSE,
-            analyse_key(study_uid, study.version),
-            max_attempts=max_attempts,
-            study_id=study.id,
-            payload={"study_uid": study_uid, "study_version": study.version},
-        )
+        job_id = queue_version(conn, study.id, study_uid, study.version, max_attempts)
+    if job_id is None:
+        return False
     log.info(
         "study queued for analysis",
         extra=kv(study=study_uid, version=study.version, job=job_id),
     )
     return True
+
+
+def queue_version(
+    conn: Connection,
+    study_id: int,
+    study_uid: str,
+    version: int,
+    max_attempts: int,
+    models: list[str] | None = None,
+) -> int | None:
+    """Close `version` and queue its `analyse` job in the caller's transaction; the job id.
+
+    None when the version moved on meanwhile (another closer won). `models`, when given,
+    limits the analysis to those model names (a replay).
+    """
+    bumped = conn.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.version == version)
+        .values(version=Study.version + 1)
+    ).rowcount
+    if bumped != 1:
+        return None
+    payload: dict[str, Any] = {"study_uid": study_uid, "study_version": version}
+    if models:
+        payload["models"] = list(models)
+    return queue.enqueue(
+        conn,
+        ANALYSE,
+        analyse_key(study_uid, version),
+        max_attempts=max_attempts,
+        study_id=study_id,
+        payload=payload,
+    )
 
 
 def quiet_studies(engine: Engine, quiet_seconds: float) -> list[str]:
@@ -122,4 +145,3 @@ class Assembler:
         for study_uid in quiet_studies(self._engine, self._quiet):
             queued += close_version(self._engine, study_uid, self._quiet, self._max_attempts)
         return queued
-

@@ -86,6 +86,64 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from daemon.db import audit
+    from daemon.db.engine import make_engine
+
+    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            check = audit.verify(conn)
+    finally:
+        engine.dispose()
+    print(check)
+    return EXIT_OK if check.intact else EXIT_FAILURE
+
+
+def cmd_results_compare(args: argparse.Namespace) -> int:
+    from daemon.db.engine import make_engine
+    from daemon.governance import compare, render_comparison
+
+    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            comparison = compare(conn, args.model_a, args.model_b)
+    finally:
+        engine.dispose()
+    print(
+        json.dumps(comparison.as_dict(), indent=2) if args.json else render_comparison(comparison)
+    )
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.db.engine import make_engine
+    from daemon.governance import ReplayRefused, check_replayable, known_models, replay
+
+    settings = _settings(args)
+    models = [args.model] if args.model else []
+    engine = make_engine(settings.storage.effective_database_url, pool_size=1)
+    try:
+        check_replayable(engine, args.study_uid)
+        known = known_models(settings.models.dir) if models else None
+        queued = replay(
+            engine,
+            args.study_uid,
+            max_attempts=settings.retry.max_attempts,
+            models=models,
+            known=known,
+        )
+    except ReplayRefused as exc:
+        raise CommandFailed(str(exc)) from exc
+    finally:
+        engine.dispose()
+    print(
+        f"study {queued.study_uid}: version {queued.study_version} queued for analysis "
+        f"(job {queued.job_id}, models: {', '.join(queued.models) or 'all'})"
+    )
+    return EXIT_OK
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from daemon.db import migrate
     from daemon.db.engine import make_engine
@@ -189,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
         "id", type=int
     )
     leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a job").add_argument("id", type=int)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    leaf(audit, "verify", cmd_audit_verify, "check the audit hash chain row by row")
+
+    results = sub.add_parser("results", help="model results").add_subparsers(
+        dest="results_command", required=True, metavar="ACTION"
+    )
+    p = leaf(results, "compare", cmd_results_compare, "agreement of two models' results")
+    p.add_argument("model_a", metavar="MODEL_A")
+    p.add_argument("model_b", metavar="MODEL_B")
+    p.add_argument("--json", action="store_true")
+
+    p = leaf(sub, "replay", cmd_replay, "analyse a spooled study again; its SR supersedes")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--model", metavar="NAME", default=None, help="only this model")
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

@@ -85,6 +85,9 @@ class StorageSettings(_Section):
     spool_dir: Path = Path("/var/lib/pacs-ai/spool")
     database_url: str | None = None
     min_free_mb: int = Field(default=1024, ge=0)
+    # Days after every destination confirmed a study's latest SR before its instance files
+    # are purged from the spool (the rows stay); 0 keeps them forever.
+    retention_days: float = Field(default=0, ge=0)
 
     @property
     def effective_database_url(self) -> str:
@@ -107,6 +110,8 @@ class WorkerSettings(_Section):
 
 class ModelSettings(_Section):
     dir: Path = Path("/var/lib/pacs-ai/models")
+    # Models run in shadow mode: results recorded, nothing of them sent (as manifest shadow).
+    shadow: list[str] = Field(default_factory=list)
 
 
 class RetrySettings(_Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 ANALYSE = "analyse"
 REPORT = "report"
 DISPATCH = "dispatch"
+VERIFY = "verify"
 
 
 def analyse_key(study_uid: str, version: int) -> str:
@@ -20,3 +21,13 @@ def report_key(study_uid: str, version: int) -> str:
 def dispatch_key(dispatch_id: int) -> str:
     """An outbox row is sent by one job."""
     return f"{DISPATCH}:{dispatch_id}"
+
+
+def verify_key(dispatch_id: int, send_attempt: int) -> str:
+    """Each successful send of an outbox row (numbered by its attempt) is verified once."""
+    return f"{VERIFY}:{dispatch_id}:a{send_attempt}"
+
+
+def resend_key(dispatch_id: int, send_attempt: int) -> str:
+    """A send the destination did not confirm is repeated by one more `dispatch` job."""
+    return f"{DISPATCH}:{dispatch_id}:resend-a{send_attempt}"

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
-from daemon.config import ConfigError, Settings
-from daemon.db import queue
+from daemon.config import ConfigError, Destination, Settings
+from daemon.db import audit, queue
 from daemon.db.keys import DISPATCH
 from daemon.db.queue import ClaimedJob
-from daemon.db.schema import Dispatch, Report, utcnow
+from daemon.db.schema import Dispatch, Report, Study, utcnow
 from daemon.dispatch.scu import ScuOptions, SendOutcome, send_file
+from daemon.dispatch.verify import enqueue_verify, new_transaction_uid
 from daemon.logsetup import kv
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def run_dispatch(engine: Engine, job: ClaimedJob, settings: Settings) -> None:
         ScuOptions.from_settings(settings.dicom),
     )
     if outcome.ok:
-        _record_success(engine, job, dispatch_id, outcome)
+        _record_success(engine, job, dispatch_id, outcome, destination)
         return
     _record_failure(engine, dispatch_id, outcome.detail)
     log.warning(
@@ -119,12 +120,20 @@ def run_dispatch(engine: Engine, job: ClaimedJob, settings: Settings) -> None:
 
 
 def _record_success(
-    engine: Engine, job: ClaimedJob, dispatch_id: int, outcome: SendOutcome
+    engine: Engine,
+    job: ClaimedJob,
+    dispatch_id: int,
+    outcome: SendOutcome,
+    destination: Destination,
 ) -> None:
-    """Mark the row sent and complete the job in the same transaction."""
+    """Mark the row sent, queue its verify job (unless verify is none), complete: one commit.
+
+    Each send to a commitment destination gets a fresh Transaction UID, so a late report
+    about an earlier send cannot settle this one.
+    """
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(
+        send_attempt = conn.execute(
             update(Dispatch)
             .where(Dispatch.id == dispatch_id)
             .values(
@@ -133,10 +142,43 @@ def _record_success(
                 sent_sop_class_uid=outcome.sop_class_uid,
                 last_status=outcome.detail,
                 attempts=Dispatch.attempts + 1,
+                transaction_uid=new_transaction_uid(destination),
+                confirmed_at=None,
                 updated_at=now,
             )
-        )
+            .returning(Dispatch.attempts)
+        ).scalar_one()
+        if outcome.sop_class_uid and outcome.sop_instance_uid:
+            enqueue_verify(
+                conn,
+                dispatch_id,
+                send_attempt,
+                destination,
+                outcome.sop_class_uid,
+                outcome.sop_instance_uid,
+            )
         queue.complete(conn, job.id, job.lease_owner)
+        _audit_delivery(conn, dispatch_id, outcome)  # last: see daemon.db.audit
+
+
+def _audit_delivery(conn: Connection, dispatch_id: int, outcome: SendOutcome) -> None:
+    """Audit which SR (the fallback's UID when it went instead) reached which destination."""
+    row = conn.execute(
+        select(Study.study_uid, Report.sop_instance_uid, Report.study_version, Dispatch.destination)
+        .join(Report, Report.id == Dispatch.report_id)
+        .join(Study, Study.id == Report.study_id)
+        .where(Dispatch.id == dispatch_id)
+    ).one()
+    audit.record(
+        conn,
+        audit.SR_DELIVERED,
+        study_uid=row.study_uid,
+        sr_uid=outcome.sop_instance_uid or row.sop_instance_uid,
+        sop_class_uid=outcome.sop_class_uid,
+        study_version=row.study_version,
+        destination=row.destination,
+        dispatch=dispatch_id,
+    )
 
 
 def _record_failure(engine: Engine, dispatch_id: int, status: str) -> None:

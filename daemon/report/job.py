@@ -42,7 +42,9 @@ def findings_from_results(
 ) -> tuple[list[Finding], list[SeriesFailure]]:
     """One finding per model output and series: the top image per class, or the series' value."""
     failures = [
-        SeriesFailure(r.series_uid, r.model_name, r.error) for r in rows if r.error is not None
+        SeriesFailure(r.series_uid, r.model_name, r.error)
+        for r in rows
+        if r.error is not None and not (r.detail or {}).get("shadow")  # shadow: never sent
     ]
     best: dict[tuple[str, str, str, str], Result] = {}
     for r in rows:
@@ -95,7 +97,7 @@ def _study_instances(conn: Connection, study_id: int, version: int) -> list[Inst
                 Instance.superseded_at.is_(None),
             )
             .order_by(Instance.id)
-        ).scalars()
+        ).all()  # rows, not ORM objects: there is no Session here
     )
 
 
@@ -106,7 +108,7 @@ def build_report(
     rows = list(
         conn.execute(
             select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
-        ).scalars()
+        ).all()
     )
     instances = _study_instances(conn, study.id, version)
     by_uid = {i.sop_instance_uid: i for i in instances}
@@ -164,7 +166,7 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     """Write the SR into the spool, then record it, its outbox rows and their jobs at once."""
     version = int(job.payload["study_version"])
     with ctx.engine.connect() as conn:
-        study = conn.execute(select(Study).where(Study.id == job.study_id)).scalar_one()
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
         built = build_report(conn, ctx.settings, study, version, int(job.payload["analyse_job_id"]))
     if built is None:
         with ctx.engine.begin() as conn:
