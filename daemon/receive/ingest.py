@@ -1,0 +1,588 @@
+"""One received instance -> a durable spool file and its committed row, or a refusal.
+
+The C-STORE handler hands the bytes it received here and answers the status returned: a
+success only once the file and its row are durable.
+
+Crash safety rests on one invariant: **a row's path always holds exactly the bytes of that
+row's sha256**. A path may only be (re)written while no row points at it:
+
+- New instance: write + fsync a temporary file, then inside the study-locked transaction
+  rename it to `<SOP>.dcm`, fsync the directory, insert the row, commit. A crash after the
+  rename and before the commit leaves a file that no row names: harmless, replaced by the
+  resend (we never delete it after a failed commit, because the commit may have happened
+  and only its acknowledgement was lost).
+- Changed resend (same SOP Instance UID, other bytes): first give the current file a second,
+  content-named hard link (`<SOP>.<sha16>.dcm`), fsync, and commit its row pointing there
+  (still current). Only then does the new version take `<SOP>.dcm`, and the older row is
+  marked superseded in the same transaction that inserts the new row. A crash between the
+  steps leaves the old version current and intact under its content name; the resend finds
+  that state and carries on.
+- Identical resend: the (sop_instance_uid, sha256) row exists; success, nothing written.
+- An older version sent again becomes current again (its row and file never changed).
+
+All renames into place and row changes happen inside the database transaction that decides
+them (SQLite: BEGIN IMMEDIATE; PostgreSQL: the study row is locked by its upsert), so two
+senders of the same SOP Instance UID cannot interleave. Instances arriving on concurrent
+associations share that transaction (group commit): each thread writes and fsyncs its own
+temporary file, then the first to take the commit lock renames every waiting file, fsyncs
+their directories once, writes all rows and commits once; every sender is answered after
+that commit. One sender pays one directory flush and one database flush per instance;
+several senders share them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import enum
+import fcntl
+import io
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Connection, Engine, bindparam, text, update
+from sqlalchemy.exc import (
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+    ProgrammingError,
+)
+
+from daemon.db.schema import Instance, Study, UTCDateTime
+from daemon.logsetup import kv
+from daemon.receive import status
+from daemon.spool import InvalidUID, Spool, check_uid
+
+log = logging.getLogger(__name__)
+
+SPACE_WARNING_INTERVAL = 60.0
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# What pydicom raises on bytes it cannot read as a dataset.
+PARSE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+    UnicodeDecodeError,
+)
+# The database is away, locked past its timeout, or its schema is missing: the sender may
+# try again later, so these are "out of resources", not a failure of the instance.
+DB_UNAVAILABLE = (OperationalError, InterfaceError, InternalError, ProgrammingError)
+MAX_ATTEMPTS = 4
+WRITER_LOCK = ".receive-writer.lock"
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+    RESTORED = "restored"
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    """What the receiver needs from a dataset; read without touching pixel data."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None
+    body_part: str | None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A C-STORE as the handler saw it."""
+
+    data: bytes
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer: str
+
+
+class Refused(Exception):
+    """The instance is answered with `code` and quarantined for `reason`."""
+
+    def __init__(self, code: int, reason: str, detail: str, log_detail: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+        # What may go to the log: parser messages can quote element values (patient data),
+        # so those stay in the quarantine note only.
+        self.log_detail = detail if log_detail is None else log_detail
+
+
+@dataclass(eq=False)
+class _Pending:
+    """An instance whose file is durable in the spool's temp dir, waiting for its commit."""
+
+    req: Request
+    ids: Identifiers
+    path: Path
+    tmp: Path
+    size: int
+    sha: str
+    result: Outcome | BaseException | None = None
+    done: bool = False
+
+    def finish(self, result: Outcome | BaseException) -> None:
+        self.result = result
+        self.done = True
+
+
+def response(code: int, comment: str | None = None) -> Dataset:
+    """A status dataset; the comment (<= 64 chars, no patient data) helps the sender's log."""
+    rsp = Dataset()
+    rsp.Status = code
+    if comment:
+        rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip().rstrip("\x00").strip()
+    return text or None
+
+
+def read_identifiers(data: bytes) -> Identifiers:
+    """The UIDs (and a little series metadata) of an encoded Part 10 stream, or Refused."""
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        _check_complete(ds)
+        uids = {
+            kw: _text(ds, kw)
+            for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        }
+        modality = _text(ds, "Modality")
+        body_part = _text(ds, "BodyPartExamined")
+    except PARSE_ERRORS as exc:
+        raise Refused(
+            status.CANNOT_PARSE_DATASET,
+            "unparsable dataset",
+            f"{type(exc).__name__}: {exc}",
+            log_detail=type(exc).__name__,
+        ) from exc
+    missing = [kw for kw, uid in uids.items() if uid is None]
+    if missing:
+        raise Refused(status.MISSING_UID, "missing UID", "missing " + ", ".join(missing))
+    return Identifiers(
+        study_uid=str(uids["StudyInstanceUID"]),
+        series_uid=str(uids["SeriesInstanceUID"]),
+        sop_instance_uid=str(uids["SOPInstanceUID"]),
+        sop_class_uid=str(uids["SOPClassUID"]),
+        modality=modality[:16] if modality else None,
+        body_part=body_part[:64] if body_part else None,
+    )
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Raise EOFError when the last element is shorter than its length says (truncated)."""
+    keys = list(ds.keys())
+    if not keys:
+        raise EOFError("no data elements")
+    raw = ds.get_item(keys[-1])
+    length = getattr(raw, "length", UNDEFINED_LENGTH)
+    value = getattr(raw, "value", None)
+    if length != UNDEFINED_LENGTH and isinstance(value, bytes) and len(value) < length:
+        raise EOFError(f"element {keys[-1]} has {len(value)} of {length} bytes")
+
+
+def check_request(req: Request) -> Identifiers:
+    """The dataset's identifiers once they agree with the command, or Refused."""
+    ids = read_identifiers(req.data)
+    if ids.sop_class_uid != req.sop_class_uid:
+        raise Refused(
+            status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP class mismatch",
+            f"command {req.sop_class_uid}, dataset {ids.sop_class_uid}",
+        )
+    if ids.sop_instance_uid != req.sop_instance_uid:
+        raise Refused(
+            status.SOP_INSTANCE_MISMATCH,
+            "SOP instance mismatch",
+            f"command {req.sop_instance_uid}, dataset {ids.sop_instance_uid}",
+        )
+    try:
+        for uid in (ids.study_uid, ids.series_uid, ids.sop_instance_uid):
+            check_uid(uid)
+    except InvalidUID as exc:
+        raise Refused(status.INVALID_UID, "invalid UID", str(exc)) from exc
+    return ids
+
+
+# The hot path's statements, written once (SQLite >= 3.35 and PostgreSQL share the syntax);
+# timestamps go through the schema's UTC type so both engines store them as the ORM does.
+UPSERT_STUDY = text(
+    "INSERT INTO studies (study_uid, version, first_received_at, last_received_at) "
+    "VALUES (:study_uid, 1, :now, :now) "
+    "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at "
+    "RETURNING id, version"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+UPSERT_SERIES = text(
+    "INSERT INTO series (study_id, series_uid, modality, body_part) "
+    "VALUES (:study_id, :series_uid, :modality, :body_part) "
+    "ON CONFLICT (series_uid) DO UPDATE SET "
+    "modality = COALESCE(series.modality, excluded.modality), "
+    "body_part = COALESCE(series.body_part, excluded.body_part) "
+    "RETURNING id, study_id"
+)
+VERSIONS = text(
+    "SELECT id, sha256, path, superseded_at FROM instances "
+    "WHERE sop_instance_uid = :sop AND deleted_at IS NULL ORDER BY id"
+)
+INSERT_INSTANCE = text(
+    "INSERT INTO instances (study_id, series_id, sop_instance_uid, sop_class_uid, "
+    "transfer_syntax_uid, study_version, path, size, sha256, calling_ae, received_at) "
+    "VALUES (:study_id, :series_id, :sop_instance_uid, :sop_class_uid, :transfer_syntax_uid, "
+    ":study_version, :path, :size, :sha256, :calling_ae, :received_at)"
+).bindparams(bindparam("received_at", type_=UTCDateTime()))
+
+
+class Ingestor:
+    """Stores received instances in the spool and the database; thread-safe.
+
+    Parameters
+    ----------
+    spool
+        Where files go (prepared by the caller).
+    engine
+        The database at head revision.
+    min_free_bytes
+        Below this much free space on the spool's filesystem new instances get 0xA700.
+    on_stored
+        Called with the Study Instance UID after each commit (not for refusals).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        engine: Engine,
+        min_free_bytes: int,
+        on_stored: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spool = spool
+        self.engine = engine
+        self.min_free_bytes = min_free_bytes
+        self.on_stored = on_stored
+        self._clock = clock
+        self._warn_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._flock_path = spool.root / WRITER_LOCK if engine.dialect.name == "sqlite" else None
+        self._flock_fd: int | None = None
+        self._last_space_warning: float | None = None
+
+    # The handler's entry point ---------------------------------------------------------
+
+    def store(self, req: Request) -> Dataset:
+        """Answer one C-STORE: success only after the file and its row are durable."""
+        try:
+            ids = check_request(req)
+        except Refused as refused:
+            return self._refuse(req, refused)
+        if not self.spool.has_room(self.min_free_bytes):
+            self._warn_space()
+            return response(status.OUT_OF_RESOURCES, "spool disk full")
+        try:
+            outcome = self._store(req, ids)
+        except OSError as exc:
+            log.error(
+                "instance not stored: spool write failed",
+                extra=kv(
+                    sop=ids.sop_instance_uid,
+                    study=ids.study_uid,
+                    calling_ae=req.calling_ae,
+                    exc=f"{type(exc).__name__}: {exc}",
+                ),
+            )
+            return response(status.OUT_OF_RESOURCES, "spool write failed")
+        except DB_UNAVAILABLE as exc:
+            log.error(
+                "instance not stored: database unavailable",
+                extra=kv(
+                    sop=ids.sop_instance_uid,
+                    study=ids.study_uid,
+                    calling_ae=req.calling_ae,
+                    exc=type(exc.orig).__name__ if exc.orig else type(exc).__name__,
+                ),
+            )
+            return response(status.OUT_OF_RESOURCES, "database unavailable")
+        except Refused as refused:
+            return self._refuse(req, refused)
+        log.debug(
+            "instance %s",
+            outcome.value,
+            extra=kv(sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=req.calling_ae),
+        )
+        if self.on_stored is not None:
+            self.on_stored(ids.study_uid)
+        return response(status.SUCCESS)
+
+    def _refuse(self, req: Request, refused: Refused) -> Dataset:
+        details = (
+            f"code: 0x{refused.code:04X}\ndetail: {refused.detail}\n"
+            f"calling_ae: {req.calling_ae}\npeer: {req.peer}\n"
+            f"command_sop_class: {req.sop_class_uid}\n"
+            f"command_sop_instance: {req.sop_instance_uid}\n"
+            f"transfer_syntax: {req.transfer_syntax_uid}\n"
+        )
+        try:
+            kept: Path | str = self.spool.quarantine(req.data, refused.reason, details)
+        except OSError as exc:
+            kept = f"not kept ({type(exc).__name__}: {exc})"
+        log.warning(
+            "instance refused",
+            extra=kv(
+                reason=refused.reason,
+                status=f"0x{refused.code:04X}",
+                sop=req.sop_instance_uid,
+                calling_ae=req.calling_ae,
+                peer=req.peer,
+                detail=refused.log_detail[:200],
+                quarantine=kept,
+            ),
+        )
+        return response(refused.code, refused.reason)
+
+    def _warn_space(self) -> None:
+        now = self._clock()
+        with self._warn_lock:
+            last = self._last_space_warning
+            if last is not None and now - last < SPACE_WARNING_INTERVAL:
+                return
+            self._last_space_warning = now
+        log.warning(
+            "spool below min_free_mb: refusing instances with 0xA700",
+            extra=kv(
+                free_mb=self.spool.free_bytes() // 2**20,
+                min_free_mb=self.min_free_bytes // 2**20,
+                spool=self.spool.root,
+            ),
+        )
+
+    # Durable storage ------------------------------------------------------------------
+
+    def _store(self, req: Request, ids: Identifiers) -> Outcome:
+        """Write the file, then join (or lead) a group commit; the outcome once durable."""
+        path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        tmp, size, sha = self.spool.write_temp(req.data)
+        item = _Pending(req, ids, path, tmp, size, sha)
+        try:
+            self._queue.append(item)
+            # Group commit: whoever holds the lock commits every instance queued so far in
+            # one transaction (one directory flush, one database flush for all of them).
+            # A thread that gets the lock after its item was committed just returns.
+            with self._commit_lock:
+                if not item.done:
+                    self._commit_queued()
+        finally:
+            self.spool.discard_temp(tmp)
+        if isinstance(item.result, BaseException):
+            raise item.result
+        if item.result is None:
+            raise RuntimeError(f"instance {ids.sop_instance_uid} was not committed")
+        return item.result
+
+    def _commit_queued(self) -> None:
+        batch: list[_Pending] = []
+        while self._queue:
+            batch.append(self._queue.popleft())
+        try:
+            with self._writer_turn():
+                self._commit(batch)
+        finally:
+            for item in batch:
+                if not item.done:
+                    item.finish(RuntimeError("commit abandoned"))
+
+    @contextlib.contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """On SQLite, queue behind sibling receiver processes in the kernel (flock).
+
+        SQLite's own busy handler sleeps up to 100 ms between retries, which would idle
+        the other receiver processes; a blocking flock wakes the next writer at once.
+        """
+        if self._flock_path is None:
+            yield
+            return
+        if self._flock_fd is None:
+            self._flock_fd = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Release the file lock's descriptor (the Ingestor can still be used after)."""
+        if self._flock_fd is not None:
+            os.close(self._flock_fd)
+            self._flock_fd = None
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        # One lock order for every writer (PostgreSQL locks each study row it upserts).
+        pending = sorted(batch, key=lambda i: (i.ids.study_uid, i.ids.sop_instance_uid))
+        for _ in range(MAX_ATTEMPTS):
+            if not pending:
+                return
+            try:
+                with self.engine.begin() as conn:
+                    results = [self._record(conn, item) for item in pending]
+                    # The renames must be durable before the rows that name them commit.
+                    renamed = (Outcome.STORED, Outcome.REPLACED)
+                    self.spool.sync_dirs(
+                        [i.path for i, r in zip(pending, results, strict=True) if r in renamed]
+                    )
+            except IntegrityError:
+                if len(pending) > 1:
+                    for item in pending:  # find the one that raced, let the others through
+                        self._commit([item])
+                    return
+                continue  # another process stored the same bytes meanwhile: decide again
+            except (*DB_UNAVAILABLE, OSError) as exc:
+                for item in pending:
+                    item.finish(exc)
+                return
+            again = []
+            for item, result in zip(pending, results, strict=True):
+                if result is None:
+                    again.append(item)
+                else:
+                    item.finish(result)
+            pending = again
+
+    def _record(self, conn: Connection, item: _Pending) -> Outcome | Refused | OSError | None:
+        """One instance's step in a transaction; None when it must go again after commit.
+
+        Returns the outcome, or the refusal or file error that only this instance gets.
+        """
+        req, ids, path, sha = item.req, item.ids, item.path, item.sha
+        now = dt.datetime.now(dt.UTC)
+        study_id, version = self._upsert_study(conn, ids.study_uid, now)
+        series_id = self._upsert_series(conn, study_id, ids)
+        if series_id is None:
+            return Refused(
+                status.SERIES_IN_OTHER_STUDY,
+                "series in other study",
+                f"series {ids.series_uid} already belongs to another study",
+            )
+        rows = conn.execute(VERSIONS, {"sop": ids.sop_instance_uid}).all()
+        current = [r for r in rows if r.superseded_at is None]
+        same = next((r for r in rows if r.sha256 == sha), None)
+        if same is not None:
+            if same.superseded_at is None:
+                return Outcome.DUPLICATE
+            # An older version is sent again: it becomes current again, its file untouched.
+            conn.execute(
+                update(Instance)
+                .where(Instance.id.in_([r.id for r in current]))
+                .values(superseded_at=now)
+            )
+            conn.execute(update(Instance).where(Instance.id == same.id).values(superseded_at=None))
+            conn.execute(update(Study).where(Study.id == study_id).values(changed_at=now))
+            self._warn_changed(req, ids, current, sha, "older version restored")
+            return Outcome.RESTORED
+        # Compared after resolving symlinks: a spool configured through another path to the
+        # same directory must still see that a row names this file.
+        real = os.path.realpath(path)
+        holder = next((r for r in rows if os.path.realpath(r.path) == real), None)
+        if holder is not None:
+            # Keep the bytes the row names under a content name before `path` is rewritten.
+            try:
+                aside = self.spool.keep_aside(path, holder.sha256)
+            except OSError as exc:
+                return exc
+            conn.execute(update(Instance).where(Instance.id == holder.id).values(path=str(aside)))
+            return None
+        try:
+            self.spool.rename_temp(item.tmp, path)
+        except OSError as exc:
+            return exc
+        if current:
+            conn.execute(
+                update(Instance)
+                .where(Instance.id.in_([r.id for r in current]))
+                .values(superseded_at=now)
+            )
+            conn.execute(update(Study).where(Study.id == study_id).values(changed_at=now))
+        conn.execute(
+            INSERT_INSTANCE,
+            {
+                "study_id": study_id,
+                "series_id": series_id,
+                "sop_instance_uid": ids.sop_instance_uid,
+                "sop_class_uid": ids.sop_class_uid,
+                "transfer_syntax_uid": req.transfer_syntax_uid,
+                "study_version": version,
+                "path": str(path),
+                "size": item.size,
+                "sha256": sha,
+                "calling_ae": req.calling_ae[:16],
+                "received_at": now,
+            },
+        )
+        if current:
+            self._warn_changed(req, ids, current, sha, "changed instance stored as newer version")
+            return Outcome.REPLACED
+        return Outcome.STORED
+
+    def _warn_changed(
+        self, req: Request, ids: Identifiers, older: list[Any], sha: str, msg: str
+    ) -> None:
+        log.warning(
+            msg,
+            extra=kv(
+                sop=ids.sop_instance_uid,
+                study=ids.study_uid,
+                calling_ae=req.calling_ae,
+                old_sha256=",".join(r.sha256[:16] for r in older) or "-",
+                new_sha256=sha[:16],
+            ),
+        )
+
+    def _upsert_study(self, conn: Connection, study_uid: str, now: dt.datetime) -> tuple[int, int]:
+        """The study's id and version; the upsert also locks its row until commit."""
+        row = conn.execute(UPSERT_STUDY, {"study_uid": study_uid, "now": now}).one()
+        return int(row.id), int(row.version)
+
+    def _upsert_series(self, conn: Connection, study_id: int, ids: Identifiers) -> int | None:
+        """The series' id, or None when the UID already belongs to another study."""
+        row = conn.execute(
+            UPSERT_SERIES,
+            {
+                "study_id": study_id,
+                "series_uid": ids.series_uid,
+                "modality": ids.modality,
+                "body_part": ids.body_part,
+            },
+        ).one()
+        if row.study_id != study_id:
+            return None
+        return int(row.id)

@@ -1,0 +1,268 @@
+"""Ingest: the checks on a dataset, and crash safety of changed resends step by step."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import Engine, select
+
+from daemon.db.schema import Instance, Study
+from daemon.receive import status
+from daemon.receive.ingest import Ingestor, Refused, Request, check_request, read_identifiers
+from daemon.spool import Spool
+
+CT_SMALL = Path(str(get_testdata_file("CT_small.dcm", download=False)))
+
+
+def encoded(ds: Dataset, tmp_path: Path) -> bytes:
+    """A dataset as pynetdicom's `encoded_dataset()` gives it: a Part 10 stream."""
+    path = tmp_path / f"{generate_uid()}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def ct(value: int = 0, like: Dataset | None = None) -> Dataset:
+    ds = dcmread(CT_SMALL)
+    ds.StudyInstanceUID = like.StudyInstanceUID if like else generate_uid()
+    ds.SeriesInstanceUID = like.SeriesInstanceUID if like else generate_uid()
+    ds.SOPInstanceUID = like.SOPInstanceUID if like else generate_uid()
+    pixels = bytearray(ds.PixelData)
+    pixels[0] = value
+    ds.PixelData = bytes(pixels)
+    return ds
+
+
+def request(ds: Dataset, tmp_path: Path, **over: Any) -> Request:
+    fields = {
+        "data": encoded(ds, tmp_path),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "transfer_syntax_uid": ExplicitVRLittleEndian,
+        "calling_ae": "CT01",
+        "peer": "127.0.0.1:1",
+    }
+    return Request(**{**fields, **over})
+
+
+@pytest.fixture
+def ingestor(engine: Engine, tmp_path: Path) -> Ingestor:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    return Ingestor(spool, engine, min_free_bytes=0)
+
+
+def rows(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(Instance).order_by(Instance.id)).all())
+
+
+def assert_rows_name_their_bytes(engine: Engine) -> None:
+    """The invariant: each row's path holds exactly that row's sha256."""
+    for row in rows(engine):
+        assert hashlib.sha256(Path(row.path).read_bytes()).hexdigest() == row.sha256
+
+
+def current(engine: Engine) -> list[Any]:
+    return [r for r in rows(engine) if r.superseded_at is None]
+
+
+# Checks on the dataset -------------------------------------------------------------------
+
+
+def test_identifiers_are_read_without_decoding_pixels(tmp_path: Path) -> None:
+    ds = ct()
+    ids = read_identifiers(encoded(ds, tmp_path))
+    assert (ids.study_uid, ids.series_uid, ids.sop_instance_uid) == (
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
+    )
+    assert ids.modality == "CT"
+
+
+def test_garbage_cannot_be_parsed() -> None:
+    with pytest.raises(Refused) as err:
+        read_identifiers(b"\x01\x02\x03" * 100)
+    assert err.value.code in (status.CANNOT_PARSE_DATASET, status.MISSING_UID)
+
+
+def test_truncated_stream_cannot_be_parsed(tmp_path: Path) -> None:
+    data = encoded(ct(), tmp_path)
+    with pytest.raises(Refused) as err:
+        read_identifiers(data[:-100])
+    assert err.value.code == status.CANNOT_PARSE_DATASET
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_missing_uid_is_refused(tmp_path: Path, keyword: str) -> None:
+    ds = ct()
+    delattr(ds, keyword)
+    with pytest.raises(Refused) as err:
+        read_identifiers(encoded(ds, tmp_path))
+    assert err.value.code == status.MISSING_UID
+    assert keyword in err.value.detail
+
+
+def test_command_and_dataset_must_agree(tmp_path: Path) -> None:
+    ds = ct()
+    with pytest.raises(Refused) as err:
+        check_request(request(ds, tmp_path, sop_class_uid="1.2.840.10008.5.1.4.1.1.4"))
+    assert err.value.code == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    with pytest.raises(Refused) as err:
+        check_request(request(ds, tmp_path, sop_instance_uid=generate_uid()))
+    assert err.value.code == status.SOP_INSTANCE_MISMATCH
+
+
+def test_uid_that_cannot_be_a_path_is_refused(tmp_path: Path) -> None:
+    ds = ct()
+    ds.StudyInstanceUID = "1.2.3/../../etc"
+    with pytest.raises(Refused) as err:
+        check_request(request(ds, tmp_path))
+    assert err.value.code == status.INVALID_UID
+
+
+# Storage and its crash safety -------------------------------------------------------------
+
+
+def test_new_instance_gets_the_study_version_and_bumps_last_received(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    ds = ct()
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    with engine.connect() as conn:
+        study = conn.execute(select(Study)).one()
+    (row,) = rows(engine)
+    assert row.study_version == study.version == 1
+    first_seen = study.last_received_at
+    assert ingestor.store(request(ct(like=None), tmp_path)).Status == status.SUCCESS
+    assert ingestor.store(request(ct(1, like=ds), tmp_path)).Status == status.SUCCESS
+    with engine.connect() as conn:
+        study = conn.execute(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).one()
+    assert study.last_received_at >= first_seen
+
+
+def _crash_once(target: Any, name: str, after: bool) -> Callable[[], None]:
+    """Make `target.name` fail once with OSError, before or after doing its work."""
+    original = getattr(target, name)
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            if after:
+                original(*args, **kwargs)
+            raise OSError(28, "simulated crash")
+        return original(*args, **kwargs)
+
+    setattr(target, name, failing)
+    return lambda: setattr(target, name, original)
+
+
+def test_crash_after_rename_before_commit_leaves_an_unnamed_file_replaced_by_the_resend(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    ds = ct()
+    restore = _crash_once(ingestor.spool, "sync_dirs", after=True)
+    assert ingestor.store(request(ds, tmp_path)).Status == status.OUT_OF_RESOURCES
+    restore()
+    assert rows(engine) == []
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    assert len(rows(engine)) == 1
+    assert_rows_name_their_bytes(engine)
+
+
+@pytest.mark.parametrize(
+    ("step", "after"),
+    [
+        ("keep_aside", True),  # link made, its row update never committed
+        ("rename_temp", False),  # older row moved aside and committed, new file never renamed
+        ("rename_temp", True),  # new file renamed in, its row never committed
+        ("sync_dirs", True),  # new file renamed and its directory synced, row never committed
+    ],
+)
+def test_crash_during_changed_resend_never_loses_or_mislabels_the_older_bytes(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path, step: str, after: bool
+) -> None:
+    v1 = ct(1)
+    v2 = ct(2, like=v1)
+    assert ingestor.store(request(v1, tmp_path)).Status == status.SUCCESS
+    restore = _crash_once(ingestor.spool, step, after=after)
+    assert ingestor.store(request(v2, tmp_path)).Status == status.OUT_OF_RESOURCES
+    restore()
+    # After the "crash": version 1 is still the current one and its bytes are intact.
+    assert_rows_name_their_bytes(engine)
+    (only,) = current(engine)
+    assert only.sha256 == hashlib.sha256(encoded(v1, tmp_path)).hexdigest()
+    # The sender tries again: version 2 is current, version 1 superseded and kept.
+    assert ingestor.store(request(v2, tmp_path)).Status == status.SUCCESS
+    assert_rows_name_their_bytes(engine)
+    old, new = rows(engine)
+    assert old.superseded_at is not None and new.superseded_at is None
+    assert new.sha256 == hashlib.sha256(encoded(v2, tmp_path)).hexdigest()
+    assert Path(new.path) == ingestor.spool.instance_path(
+        v1.StudyInstanceUID, v1.SeriesInstanceUID, v1.SOPInstanceUID
+    )
+
+
+def test_series_uid_reused_in_another_study_is_refused(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    a = ct()
+    b = ct()
+    b.SeriesInstanceUID = a.SeriesInstanceUID
+    assert ingestor.store(request(a, tmp_path)).Status == status.SUCCESS
+    assert ingestor.store(request(b, tmp_path)).Status == status.SERIES_IN_OTHER_STUDY
+    assert len(rows(engine)) == 1
+
+
+def test_on_stored_is_called_after_commit_only(engine: Engine, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    calls: list[str] = []
+    ingestor = Ingestor(spool, engine, 0, calls.append)
+    ds = ct()
+    ingestor.store(request(ds, tmp_path, sop_instance_uid=generate_uid()))
+    assert calls == []
+    ingestor.store(request(ds, tmp_path))
+    assert calls == [ds.StudyInstanceUID]
+
+
+def test_concurrent_stores_share_commits_and_keep_the_invariant(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    base = ct(1)
+    versions = [ct(v, like=base) for v in (1, 2, 3)]
+    others = [ct() for _ in range(8)]
+    reqs = [request(ds, tmp_path) for ds in [*versions, *others, *versions]]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(pool.map(lambda r: int(ingestor.store(r).Status), reqs))
+    assert codes == [status.SUCCESS] * len(reqs)
+    assert_rows_name_their_bytes(engine)
+    mine = [r for r in rows(engine) if r.sop_instance_uid == base.SOPInstanceUID]
+    assert len(mine) == 3
+    assert len([r for r in mine if r.superseded_at is None]) == 1
+    assert len(rows(engine)) == 3 + 8
+
+
+def test_spool_reached_through_a_symlink_still_keeps_older_versions(
+    engine: Engine, tmp_path: Path
+) -> None:
+    real = Spool(tmp_path / "spool")
+    real.prepare()
+    (tmp_path / "link").symlink_to(tmp_path / "spool")
+    via_link = Spool(tmp_path / "link")
+    v1 = ct(1)
+    v2 = ct(2, like=v1)
+    assert Ingestor(real, engine, 0).store(request(v1, tmp_path)).Status == status.SUCCESS
+    assert Ingestor(via_link, engine, 0).store(request(v2, tmp_path)).Status == status.SUCCESS
+    assert_rows_name_their_bytes(engine)
+    assert len(current(engine)) == 1
