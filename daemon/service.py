@@ -83,7 +83,9 @@ class Service:
         self.assembler = Assembler(self.engine, settings, self.scheduler)
         self.metrics = Metrics()
         self.pool = WorkerPool(settings, log_level)
-        self.receiver = Receiver(settings, self.engine, on_stored=self.assembler.arrived)
+        self.receiver = Receiver(
+            settings, self.engine, on_stored=self.assembler.arrived, metrics=self.metrics
+        )
         self._scheduler_tick = time.monotonic()
 
     def start(self) -> None:

@@ -61,6 +61,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
 )
 
+from daemon.db import audit
 from daemon.db.schema import Instance, Study, UTCDateTime
 from daemon.logsetup import kv
 from daemon.receive import status
@@ -459,6 +460,15 @@ class Ingestor:
                     renamed = (Outcome.STORED, Outcome.REPLACED)
                     self.spool.sync_dirs(
                         [i.path for i, r in zip(pending, results, strict=True) if r in renamed]
+                    )
+                    # Last write of the transaction: the audit lock is never held while waiting.
+                    audit.record_studies_received(
+                        conn,
+                        [
+                            i.ids.study_uid
+                            for i, r in zip(pending, results, strict=True)
+                            if r in renamed
+                        ],
                     )
             except IntegrityError:
                 if len(pending) > 1:

@@ -34,7 +34,9 @@ from sqlalchemy import Engine
 from daemon.config import Settings
 from daemon.db.engine import make_engine
 from daemon.logsetup import kv, setup_logging
+from daemon.metrics import Metrics
 from daemon.receive import status
+from daemon.receive.commitment import add_commitment_context, handle_commitment_report
 from daemon.receive.ingest import Ingestor, Request
 from daemon.spool import Spool
 
@@ -166,9 +168,11 @@ class _Listener:
         counts: Any = None,
         index: int = 0,
         spool: Spool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         dicom = settings.dicom
         self.settings = settings
+        self.metrics = metrics
         self.spool = spool or Spool(settings.storage.spool_dir)
         self.spool.prepare()
         self.ingestor = Ingestor(
@@ -184,13 +188,20 @@ class _Listener:
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        add_commitment_context(ae)
         self.ae = ae
         handlers = [
+            (
+                evt.EVT_N_EVENT_REPORT,
+                handle_commitment_report,
+                [engine, settings.retry.max_attempts],
+            ),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_OPEN, self._on_conn_change),
             (evt.EVT_CONN_CLOSE, self._on_conn_change),
         ]
@@ -250,9 +261,10 @@ class _Listener:
     def _on_store(self, event: Event) -> Any:
         req = event.request
         assoc = event.assoc
-        return self.ingestor.store(
+        data = event.encoded_dataset()
+        answer = self.ingestor.store(
             Request(
-                data=event.encoded_dataset(),
+                data=data,
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
@@ -260,6 +272,12 @@ class _Listener:
                 peer=_peer(assoc),
             )
         )
+        if self.metrics is not None:
+            code = int(answer.Status)
+            self.metrics.instances_received.labels(assoc.requestor.ae_title, f"0x{code:04X}").inc()
+            if code == status.SUCCESS:
+                self.metrics.bytes_received.inc(len(data))
+        return answer
 
     def _on_rejected(self, event: Event) -> None:
         assoc = event.assoc
@@ -268,6 +286,8 @@ class _Listener:
         reason = status.REJECT_REASONS.get(key, f"rejected {key}")
         if self.ae.draining and key == status.REJECT_LOCAL_LIMIT:
             reason = "draining for shutdown"
+        if self.metrics is not None:
+            self.metrics.associations_rejected.labels(reason).inc()
         rq = assoc.requestor.primitive
         log.warning(
             "association rejected",
@@ -282,13 +302,21 @@ class _Listener:
 
     def _on_established(self, event: Event) -> None:
         assoc = event.assoc
+        if self.metrics is not None:
+            self.metrics.associations_active.inc()
         log.info(
             "association established",
             extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
         )
 
+    def _on_released(self, event: Event) -> None:
+        if self.metrics is not None:
+            self.metrics.associations_active.dec()
+
     def _on_aborted(self, event: Event) -> None:
         assoc = event.assoc
+        if self.metrics is not None and assoc.is_established:
+            self.metrics.associations_active.dec()
         log.warning(
             "association aborted",
             extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
@@ -314,7 +342,15 @@ def _child_main(
     setup_logging(log_level)
     configure_pynetdicom()
     engine = make_engine(database_url)
-    listener = _Listener(settings, engine, events.put, reuse_port=True, counts=counts, index=index)
+    listener = _Listener(
+        settings,
+        engine,
+        events.put,
+        reuse_port=True,
+        counts=counts,
+        index=index,
+        metrics=Metrics(),
+    )
     listener.start()
     ready.set()
     while not stopping.wait(POLL_SECONDS):
@@ -353,6 +389,7 @@ class Receiver:
         on_stored: Callable[[str], None] | None = None,
         *,
         spool: Spool | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if spool is not None and settings.dicom.processes > 1:
             raise ValueError("an injected spool needs [dicom] processes = 1")
@@ -360,6 +397,7 @@ class Receiver:
         self.settings = settings
         self.engine = engine
         self.on_stored = on_stored
+        self.metrics = metrics
         self._listener: _Listener | None = None
         self._procs: list[Any] = []
         self._ctx = mp.get_context("spawn")
@@ -382,7 +420,9 @@ class Receiver:
         configure_pynetdicom()
         n = self.settings.dicom.processes
         if n == 1:
-            self._listener = _Listener(self.settings, self.engine, self.on_stored, spool=self.spool)
+            self._listener = _Listener(
+                self.settings, self.engine, self.on_stored, spool=self.spool, metrics=self.metrics
+            )
             self._listener.start()
             self._port = self._listener.port
         else:
