@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -197,7 +198,7 @@ def cmd_models_train(args: argparse.Namespace) -> int:
 def cmd_models_demo(args: argparse.Namespace) -> int:
     from models.commands import demo_command
 
-    return demo_command(out=args.out)
+    return demo_command(out=args.out, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p = leaf(models, "demo", cmd_models_demo, "generate the synthetic demo data and models")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="a tiny demo that trains in seconds")
     return parser
 
 
@@ -299,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = args.log_level or "info"
     setup_logging(level)
+    if level != "debug":
+        # TensorFlow's C++ start-up chatter is not for operators; workers inherit this.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return int(args.func(args))
     except ConfigError as exc:
