@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, update
@@ -289,11 +290,18 @@ def _audit_operator(conn: Connection, event: str, job_id: int) -> None:
     audit.record(conn, event, study_uid=row.study_uid, job=job_id, kind=row.kind)
 
 
-def operator_retry(settings: Settings, job_id: int) -> bool:
-    """Revive a dead job; a dead dispatch row comes back to pending with it."""
+def _operator_action(
+    settings: Settings,
+    job_id: int,
+    action: Callable[[Engine, int], bool],
+    dispatch_from: tuple[str, ...],
+    dispatch_to: str,
+    event: str,
+) -> bool:
+    """Apply an operator's queue action; the job's outbox row follows and the act is audited."""
     engine = _engine(settings)
     try:
-        if not queue.retry(engine, job_id):
+        if not action(engine, job_id):
             return False
         with engine.begin() as conn:
             payload = conn.execute(select(Job.payload).where(Job.id == job_id)).scalar_one()
@@ -301,31 +309,24 @@ def operator_retry(settings: Settings, job_id: int) -> bool:
             if dispatch_id is not None:
                 conn.execute(
                     update(Dispatch)
-                    .where(Dispatch.id == dispatch_id, Dispatch.state.in_(("dead", "cancelled")))
-                    .values(state="pending", updated_at=utcnow())
+                    .where(Dispatch.id == dispatch_id, Dispatch.state.in_(dispatch_from))
+                    .values(state=dispatch_to, updated_at=utcnow())
                 )
-            _audit_operator(conn, audit.JOB_RETRIED, job_id)
+            _audit_operator(conn, event, job_id)
         return True
     finally:
         engine.dispose()
+
+
+def operator_retry(settings: Settings, job_id: int) -> bool:
+    """Revive a dead job; a dead dispatch row comes back to pending with it."""
+    return _operator_action(
+        settings, job_id, queue.retry, ("dead", "cancelled"), "pending", audit.JOB_RETRIED
+    )
 
 
 def operator_cancel(settings: Settings, job_id: int) -> bool:
     """Cancel a job; its dispatch row, if any, is marked cancelled."""
-    engine = _engine(settings)
-    try:
-        if not queue.cancel(engine, job_id):
-            return False
-        with engine.begin() as conn:
-            payload = conn.execute(select(Job.payload).where(Job.id == job_id)).scalar_one()
-            dispatch_id = (payload or {}).get("dispatch_id")
-            if dispatch_id is not None:
-                conn.execute(
-                    update(Dispatch)
-                    .where(Dispatch.id == dispatch_id, Dispatch.state == "pending")
-                    .values(state="cancelled", updated_at=utcnow())
-                )
-            _audit_operator(conn, audit.JOB_CANCELLED, job_id)
-        return True
-    finally:
-        engine.dispose()
+    return _operator_action(
+        settings, job_id, queue.cancel, ("pending",), "cancelled", audit.JOB_CANCELLED
+    )
