@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, insert, select
 
@@ -18,10 +20,12 @@ from daemon.db.keys import REPORT, report_key
 from daemon.db.schema import Instance, Result, Series, Study
 from daemon.logsetup import kv
 from daemon.metrics import Metrics
+from daemon.spool import Spool, check_uid
 
 if TYPE_CHECKING:
     from models.infer import SeriesResult
-    from models.registry import Registry
+    from models.ordering import SliceRef
+    from models.registry import LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +149,68 @@ def result_rows(
             }
 
 
+@dataclasses.dataclass(frozen=True)
+class HeatmapSink:
+    """Where analyse leaves explainability overlays for the report stage, and how many."""
+
+    spool: Spool
+    study_uid: str
+    version: int
+    top_k: int
+
+    def path(self, model: str, ref: SliceRef, label: str) -> Path:
+        """One overlay's file: named by study version, model, image, frame and class."""
+        uid, frame = check_uid(ref.sop_instance_uid), ref.frame or 0
+        name = f"v{self.version}-{model}-{uid}-{frame}-{label}.npy"
+        return self.spool.reports_dir / check_uid(self.study_uid) / "heatmaps" / name
+
+
+def add_heatmaps(
+    rows: list[dict[str, Any]], result: SeriesResult, cnn: LoadedModel, sink: HeatmapSink
+) -> None:
+    """Grad-CAM overlays of the top-k images per class at or above its threshold, saved in
+    the spool; each such image row names its file in detail["heatmap"]."""
+    from models.gradcam import heatmap_overlay
+    from models.preprocess import PreprocessError
+
+    manifest = cnn.manifest
+    by_key = {
+        (r["sop_instance_uid"], r["frame_number"], r["label"]): r
+        for r in rows
+        if r["level"] == "image" and r["model_name"] == manifest.name
+    }
+    shadow = any(r["detail"].get("shadow") for r in by_key.values())
+    if not manifest.heatmaps or sink.top_k <= 0 or shadow:
+        return  # a shadow model is never reported, so never explained
+    probabilities = result.image_probabilities
+    for index, label in enumerate(manifest.classes):
+        for j in np.argsort(-probabilities[:, index], kind="stable")[: sink.top_k]:
+            if probabilities[j, index] < label.threshold:
+                break
+            ref = result.rows[int(j)]
+            try:
+                overlay = heatmap_overlay(cnn, ref.path, index, ref.frame)
+            except (PreprocessError, ValueError, OSError) as exc:
+                log.warning(
+                    "heatmap failed",
+                    extra=kv(model=manifest.name, sop=ref.sop_instance_uid, error=str(exc)[:300]),
+                )
+                continue
+            path = sink.path(manifest.name, ref, label.name)
+            buffer = io.BytesIO()
+            np.save(buffer, overlay, allow_pickle=False)
+            sink.spool.make_dirs(path.parent)
+            sink.spool.write_atomic(path, buffer.getvalue())
+            row = by_key[(ref.sop_instance_uid, ref.frame, label.name)]
+            row["detail"] = {**row["detail"], "heatmap": str(path)}
+
+
 def analyse_one_series(
     series: SeriesFiles,
     registry: Registry,
     metrics: Metrics | None = None,
     shadow: frozenset[str] = frozenset(),
+    heatmaps: HeatmapSink | None = None,
 ) -> list[dict[str, Any]]:
     """Every applicable model on one series; a failure becomes a row naming the error."""
     from models.infer import infer_series
@@ -182,7 +243,10 @@ def analyse_one_series(
                 seconds=round(result.timing.total_s, 3),
             ),
         )
-        rows.extend(result_rows(series.series_uid, result, registry, shadow))
+        produced = list(result_rows(series.series_uid, result, registry, shadow))
+        if heatmaps is not None:
+            add_heatmaps(produced, result, choice.cnn, heatmaps)
+        rows.extend(produced)
     return rows
 
 
@@ -269,8 +333,10 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     shadow = frozenset(ctx.settings.models.shadow)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
+    heatmaps = HeatmapSink(ctx.spool, study.study_uid, version, ctx.settings.report.heatmap_top_k)
     for s in series:
-        rows.extend(_requested(analyse_one_series(s, registry, ctx.metrics, shadow), names))
+        produced = analyse_one_series(s, registry, ctx.metrics, shadow, heatmaps=heatmaps)
+        rows.extend(_requested(produced, names))
     with ctx.engine.begin() as conn:
         if rows:
             conn.execute(

@@ -9,13 +9,14 @@ import time
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.assemble import Assembler
 from daemon.config import Settings
 from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
+from daemon.db.schema import Job
 from daemon.logsetup import kv
 from daemon.metrics import (
     Metrics,
@@ -168,8 +169,10 @@ class Service:
         if not self.scheduler.running or time.monotonic() - self._scheduler_tick > 10:
             faults.append("scheduler stalled")
         try:
+            # The service's own table, not `SELECT 1`: a server that answers while the
+            # schema is gone (dropped, renamed, wrong search_path) cannot run the queue.
             with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                conn.execute(select(Job.id).limit(1))
         except SQLAlchemyError as exc:
             faults.append(f"database: {str(exc.orig or exc).strip().splitlines()[0]}")
         return faults

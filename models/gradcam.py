@@ -115,7 +115,9 @@ def cell_grid(model: keras.Model, target: keras.layers.Layer) -> CellGrid | None
     return None
 
 
-def _axis_weights(cells: int, grid_offset: float, grid_stride: float, size: int) -> tuple:
+def _axis_weights(
+    cells: int, grid_offset: float, grid_stride: float, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear sampling of `cells` values at each of `size` input pixel centres."""
     position = np.clip((np.arange(size) - grid_offset) / grid_stride, 0.0, cells - 1.0)
     low = np.floor(position).astype(np.int64)
@@ -149,7 +151,8 @@ def gradcam(model: keras.Model, inputs: np.ndarray, class_index: int) -> np.ndar
     -------
     numpy.ndarray
         float32 (N, H, W) in [0, 1]; each map is divided by its own maximum, and an image
-        whose class score no feature raises gets a map of zeros.
+        whose class score no feature raises gets a map of zeros. Cells are drawn at their
+        receptive-field centres (`cell_grid`), not stretched over the input.
     """
     batch = np.asarray(inputs, dtype=np.float32)
     if batch.ndim != 4:

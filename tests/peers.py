@@ -205,6 +205,8 @@ class Orthanc(_Peer):
         ``DicomCheckCalledAet``: reject associations addressed to another AE title.
     workdir:
         Where storage, index, config and log live; a fresh temporary directory by default.
+    dicom_port, http_port:
+        Fixed ports (e.g. those of an earlier instance this one replaces); free ones by default.
     """
 
     def __init__(
@@ -215,12 +217,14 @@ class Orthanc(_Peer):
         allow_unknown: bool = True,
         check_called_aet: bool = False,
         workdir: Path | None = None,
+        dicom_port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
         super().__init__(workdir)
         self.aet = aet
         self.host = LOOPBACK
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
         self.config_path = self.workdir / "orthanc.json"
         self.config_path.write_text(
             json.dumps(self._config(list(modalities), allow_unknown, check_called_aet), indent=2)

@@ -51,7 +51,11 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Finding:
-    """One classifier output (one measurement group in the SR)."""
+    """One classifier output (one measurement group in the SR).
+
+    ``heatmaps`` are the explainability Secondary Captures of this output (see
+    `daemon.report.heatmap`); the SR references each from the finding's group.
+    """
 
     model_name: str
     model_version: str
@@ -62,6 +66,7 @@ class Finding:
     threshold: float
     evidence: tuple[Evidence, ...]
     clinical_use: bool
+    heatmaps: tuple[Evidence, ...] = ()
 
     def __post_init__(self) -> None:
         """Reject outputs that cannot be reported truthfully."""
@@ -76,6 +81,11 @@ class Finding:
             raise ValueError("a finding needs at least one evidence instance")
         if self.level == "image" and len(self.evidence) != 1:
             raise ValueError("an image-level finding references exactly one image")
+        uids = [h.sop_instance_uid for h in self.heatmaps]
+        if len(set(uids)) != len(uids):
+            raise ValueError(f"a heatmap is referenced twice: {uids}")
+        if set(uids) & {e.sop_instance_uid for e in self.evidence}:
+            raise ValueError("a heatmap cannot also be the evidence it explains")
 
     @property
     def model_key(self) -> str:

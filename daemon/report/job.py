@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 from sqlalchemy import Connection, insert, select
@@ -19,6 +20,7 @@ from daemon.db import queue
 from daemon.db.keys import DISPATCH, dispatch_key
 from daemon.db.schema import Dispatch, Instance, Report, Result, Study
 from daemon.logsetup import kv
+from daemon.report.heatmap import build_heatmap_sc, heatmap_evidence
 from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
 from daemon.report.sr import build_no_applicable_model_sr, build_sr
 from daemon.report.uids import hashed_uid, series_uid, sr_uid
@@ -27,6 +29,10 @@ from daemon.spool import Spool
 log = logging.getLogger(__name__)
 
 SOURCES_FOR_NO_MODEL = 1
+SR_KIND = "sr"
+HEATMAP_KIND = "heatmap"
+
+ResultKey = tuple[str, str, str, str]  # series, model, level, label: one finding
 
 
 def device_info(settings: Settings) -> DeviceInfo:
@@ -37,8 +43,14 @@ def device_info(settings: Settings) -> DeviceInfo:
     )
 
 
+def _key(r: Result) -> ResultKey:
+    return (r.series_uid, r.model_name, r.level, r.label or "")
+
+
 def findings_from_results(
-    rows: Sequence[Result], sop_classes: dict[str, str]
+    rows: Sequence[Result],
+    sop_classes: dict[str, str],
+    heatmaps: Mapping[ResultKey, Sequence[Dataset]] | None = None,
 ) -> tuple[list[Finding], list[SeriesFailure]]:
     """One finding per model output and series: the top image per class, or the series' value."""
     failures = [
@@ -50,14 +62,20 @@ def findings_from_results(
     for r in rows:
         if r.error is not None or r.detail.get("shadow"):
             continue
-        key = (r.series_uid, r.model_name, r.level, r.label or "")
+        key = _key(r)
         if key not in best or (r.probability or 0.0) > (best[key].probability or 0.0):
             best[key] = r
-    findings = [_finding(r, sop_classes) for r in best.values()]
+    heatmaps = heatmaps or {}
+    findings = [
+        _finding(r, sop_classes, tuple(map(heatmap_evidence, heatmaps.get(key, ()))))
+        for key, r in best.items()
+    ]
     return findings, failures
 
 
-def _finding(r: Result, sop_classes: dict[str, str]) -> Finding:
+def _finding(
+    r: Result, sop_classes: dict[str, str], heatmaps: tuple[Evidence, ...] = ()
+) -> Finding:
     scheme, value, meaning = r.detail["code"]
     if r.level == "image":
         refs: Iterable[tuple[str, int | None]] = [(r.sop_instance_uid or "", r.frame_number)]
@@ -74,7 +92,54 @@ def _finding(r: Result, sop_classes: dict[str, str]) -> Finding:
         threshold=float(r.detail.get("threshold", 0.5)),
         evidence=evidence,
         clinical_use=bool(r.detail.get("clinical_use", False)),
+        heatmaps=heatmaps,
     )
+
+
+def build_heatmaps(
+    conn: Connection, settings: Settings, study: Study, version: int, analyse_job_id: int
+) -> dict[ResultKey, list[Dataset]]:
+    """Secondary Captures of the overlays analyse saved, grouped by the finding they explain,
+    most probable image first; an overlay file that is gone is skipped with a warning."""
+    rows = conn.execute(
+        select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
+    ).all()
+    chosen = sorted(
+        (
+            r for r in rows
+            if r.level == "image" and r.error is None and r.detail.get("heatmap")
+            and not r.detail.get("shadow")
+        ),
+        key=lambda r: -(r.probability or 0.0),
+    )
+    paths = {
+        i.sop_instance_uid: i.path
+        for i in _study_instances(conn, study.id, version)
+    }
+    device = device_info(settings)
+    built: dict[ResultKey, list[Dataset]] = {}
+    for number, r in enumerate(chosen, start=1):
+        overlay_path = Path(r.detail["heatmap"])
+        if not overlay_path.is_file() or r.sop_instance_uid not in paths:
+            log.warning("heatmap overlay missing", extra=kv(path=str(overlay_path)))
+            continue
+        scheme, value, meaning = r.detail["code"]
+        capture = build_heatmap_sc(
+            pydicom.dcmread(paths[r.sop_instance_uid], stop_before_pixels=True),
+            np.load(overlay_path, allow_pickle=False),
+            model_name=r.model_name,
+            model_version=r.model_version,
+            weights_sha256=r.weights_sha256,
+            finding=CodeSpec(scheme, value, meaning),
+            study_version=version,
+            clinical_use=bool(r.detail.get("clinical_use", False)),
+            device=device,
+            series_number=settings.report.series_number + 1,
+            instance_number=number,
+            frame_number=r.frame_number,
+        )
+        built.setdefault(_key(r), []).append(capture)
+    return built
 
 
 def _headers(paths: Iterable[str]) -> list[Dataset]:
@@ -102,9 +167,15 @@ def _study_instances(conn: Connection, study_id: int, version: int) -> list[Inst
 
 
 def build_report(
-    conn: Connection, settings: Settings, study: Study, version: int, analyse_job_id: int
+    conn: Connection,
+    settings: Settings,
+    study: Study,
+    version: int,
+    analyse_job_id: int,
+    heatmaps: Mapping[ResultKey, Sequence[Dataset]] | None = None,
 ) -> tuple[str, Dataset, Dataset] | None:
-    """The SR and its Enhanced SR fallback for one study version, or None when nothing is due."""
+    """The SR and its Enhanced SR fallback for one study version, or None when nothing is due;
+    `heatmaps` (from `build_heatmaps`) are referenced from the findings they explain."""
     rows = list(
         conn.execute(
             select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
@@ -113,13 +184,18 @@ def build_report(
     instances = _study_instances(conn, study.id, version)
     by_uid = {i.sop_instance_uid: i for i in instances}
     findings, failures = findings_from_results(
-        rows, {uid: i.sop_class_uid for uid, i in by_uid.items()}
+        rows, {uid: i.sop_class_uid for uid, i in by_uid.items()}, heatmaps
     )
+    heatmap_images = [sc for captures in (heatmaps or {}).values() for sc in captures]
     previous = [
         pydicom.dcmread(p)
         for p in conn.execute(
             select(Report.path)
-            .where(Report.study_id == study.id, Report.study_version < version)
+            .where(
+                Report.study_id == study.id,
+                Report.study_version < version,
+                Report.kind == SR_KIND,
+            )
             .order_by(Report.study_version)
         ).scalars()
         if Path(p).is_file()
@@ -150,13 +226,21 @@ def build_report(
     keys = sorted({f.model_key for f in findings} | {f.model_name for f in failures})
     main_uid = sr_uid(study.study_uid, version, keys)
     fallback_uid = sr_uid(study.study_uid, version, keys, variant="enhanced")
-    main = build_sr(sources, findings, sop_instance_uid=main_uid, failures=failures, **common)
+    main = build_sr(
+        sources,
+        findings,
+        sop_instance_uid=main_uid,
+        failures=failures,
+        heatmap_images=heatmap_images,
+        **common,
+    )
     fallback = build_sr(
         sources,
         findings,
         sop_instance_uid=fallback_uid,
         failures=failures,
         sop_class="enhanced",
+        heatmap_images=heatmap_images,
         **common,
     )
     return main_uid, main, fallback
@@ -165,9 +249,11 @@ def build_report(
 def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     """Write the SR into the spool, then record it, its outbox rows and their jobs at once."""
     version = int(job.payload["study_version"])
+    analyse_job_id = int(job.payload["analyse_job_id"])
     with ctx.engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
-        built = build_report(conn, ctx.settings, study, version, int(job.payload["analyse_job_id"]))
+        heatmaps = build_heatmaps(conn, ctx.settings, study, version, analyse_job_id)
+        built = build_report(conn, ctx.settings, study, version, analyse_job_id, heatmaps)
     if built is None:
         with ctx.engine.begin() as conn:
             queue.complete(conn, job.id, job.lease_owner)
@@ -178,9 +264,27 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     main_path = spool.report_path(study.study_uid, uid)
     fallback_path = spool.report_path(study.study_uid, fallback.SOPInstanceUID)
     spool.make_dirs(main_path.parent)
+    captures = [sc for group in heatmaps.values() for sc in group]
+    capture_paths = [spool.report_path(study.study_uid, sc.SOPInstanceUID) for sc in captures]
+    for capture, path in zip(captures, capture_paths, strict=True):
+        spool.write_atomic(path, _encode(capture))
     spool.write_atomic(main_path, _encode(main))
     spool.write_atomic(fallback_path, _encode(fallback))
     with ctx.engine.begin() as conn:
+        for capture, path in zip(captures, capture_paths, strict=True):
+            capture_id = conn.execute(
+                insert(Report)
+                .values(
+                    study_id=study.id,
+                    study_version=version,
+                    sop_instance_uid=str(capture.SOPInstanceUID),
+                    sop_class_uid=str(capture.SOPClassUID),
+                    kind=HEATMAP_KIND,
+                    path=str(path),
+                )
+                .returning(Report.id)
+            ).scalar_one()
+            enqueue_dispatches(conn, ctx.settings, capture_id, study.id)  # before the SR's
         report_id = conn.execute(
             insert(Report)
             .values(

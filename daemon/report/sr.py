@@ -16,6 +16,7 @@ from highdicom.sr import (
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
     EnhancedSR,
+    ImageContentItem,
     ImageLibrary,
     LanguageOfContentItemAndDescendants,
     Measurement,
@@ -30,8 +31,9 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 
-from daemon.report.inputs import CodeSpec, DeviceInfo, Finding, SeriesFailure
+from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
 from daemon.report.sources import (
     STANDARD_SCHEMES,
     check_same_study,
@@ -47,6 +49,7 @@ SopClass = Literal["comprehensive3d", "enhanced"]
 DEVICE_MODEL_NAME = "pacs-ai"
 SERIES_DESCRIPTION = "AI results"
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+PIXEL_DATA = Tag("PixelData")
 NO_APPLICABLE_MODEL_TEXT = "No AI model applied to any series of this study."
 
 _LANGUAGE = CodedConcept(
@@ -56,6 +59,10 @@ _QUALITATIVE_EVALUATIONS = CodedConcept(
     value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
 )
 _IMAGING_MEASUREMENT_REPORT = CodedConcept.from_code(codes.cid7021.ImagingMeasurementReport)
+# (130401, DCM, "Visual explanation"): DICOM's concept for a saliency map that explains an AI
+# result (named in TID 1410/1411). TID 1501 as PixelMed checks it (row 10b) admits CONTAINS
+# IMAGE items of any concept name, so the heatmap hangs off the finding it explains.
+VISUAL_EXPLANATION = CodedConcept.from_code(codes.DCM.VisualExplanation)
 
 
 def _coded(code: CodeSpec) -> CodedConcept:
@@ -93,7 +100,7 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
         )
         for e in finding.evidence
     ]
-    return MeasurementsAndQualitativeEvaluations(
+    group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=finding.tracking_uid, identifier=finding.tracking_id
         ),
@@ -101,6 +108,21 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
         algorithm_id=algorithm,
         measurements=[certainty],
         source_images=sources,
+    )
+    group[0].ContentSequence.extend(_visual_explanation(h) for h in finding.heatmaps)
+    return group
+
+
+def _visual_explanation(heatmap: Evidence) -> ImageContentItem:
+    """IMAGE item pointing at a heatmap of this finding, not a source it was computed from:
+    "Source" (SCT 260753009) and "Source of Measurement" (DCM 121112) would claim the
+    opposite direction of derivation."""
+    return ImageContentItem(
+        name=VISUAL_EXPLANATION,
+        referenced_sop_class_uid=heatmap.sop_class_uid,
+        referenced_sop_instance_uid=heatmap.sop_instance_uid,
+        referenced_frame_numbers=None if heatmap.frame_number is None else [heatmap.frame_number],
+        relationship_type=RelationshipTypeValues.CONTAINS,
     )
 
 
@@ -248,17 +270,33 @@ def _check_references(
     findings: Sequence[Finding],
     previous: Sequence[Dataset],
     sop_instance_uid: str,
+    heatmap_images: Sequence[Dataset] = (),
 ) -> None:
     """Fail with the reason before highdicom fails with a less helpful one."""
     known = {str(ds.SOPInstanceUID) for ds in sources}
+    heatmaps = {str(ds.SOPInstanceUID) for ds in heatmap_images}
     for finding in findings:
         missing = [e.sop_instance_uid for e in finding.evidence if e.sop_instance_uid not in known]
         if missing:
             raise ValueError(
                 f"finding {finding.tracking_id!r} references instances not in sources: {missing}"
             )
+        unknown = [h.sop_instance_uid for h in finding.heatmaps
+                   if h.sop_instance_uid not in heatmaps]
+        if unknown:
+            raise ValueError(
+                f"finding {finding.tracking_id!r} references heatmaps not in heatmap_images: "
+                f"{unknown}"
+            )
     if any(str(ds.SOPInstanceUID) == sop_instance_uid for ds in previous):
         raise ValueError("a previous version has the SOP Instance UID of the new report")
+
+
+def _header(ds: Dataset) -> Dataset:
+    """A built image without its pixel data: the SR reads only its attributes."""
+    header = Dataset()
+    header.update({element.tag: element for element in ds if element.tag != PIXEL_DATA})
+    return header
 
 
 def _build(
@@ -275,14 +313,17 @@ def _build(
     previous: Sequence[Dataset],
     is_complete: bool,
     sop_class: SopClass,
+    heatmap_images: Sequence[Dataset] = (),
 ) -> Dataset:
     """Shared path of both public builders."""
-    check_same_study(sources)
-    _check_references(sources, findings, previous, sop_instance_uid)
+    check_same_study([*sources, *heatmap_images])
+    _check_references(sources, findings, previous, sop_instance_uid, heatmap_images)
     # highdicom copies the patient and study modules from the first source only; the rest
     # are read for references and the image library, so they need no (costly) copy.
     cleaned = [clean_source(sources[0]), *sources[1:]]
     texts = [*_not_for_clinical_use_text(findings), *texts]
+    # Heatmaps stay out of the Image Library: TID 1602 wants an image modality from CID 29,
+    # and a Secondary Capture is "OT" (PixelMed rejects it); the evidence lists them.
     content = _report_content(cleaned, findings, device, texts)
     if sop_class == "comprehensive3d":
         document_class: type[Comprehensive3DSR] | type[EnhancedSR] = Comprehensive3DSR
@@ -291,7 +332,7 @@ def _build(
     else:
         raise ValueError(f"sop_class must be 'comprehensive3d' or 'enhanced', got {sop_class!r}")
     return document_class(
-        evidence=cleaned,
+        evidence=[*cleaned, *map(_header, heatmap_images)],
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -320,6 +361,7 @@ def build_sr(
     previous: Sequence[Dataset] = (),
     failures: Sequence[SeriesFailure] = (),
     sop_class: SopClass = "comprehensive3d",
+    heatmap_images: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build the study's AI results SR: one TID 1501 group per finding, failures as text.
 
@@ -338,6 +380,12 @@ def build_sr(
         Series whose analysis failed; each is stated as text, the rest is still reported.
     sop_class
         ``"comprehensive3d"``, or ``"enhanced"`` for destinations that reject it.
+    heatmap_images
+        The explainability Secondary Captures that findings name in ``Finding.heatmaps``
+        (built by :func:`daemon.report.heatmap.build_heatmap_sc`; pixel data is ignored).
+        They join the evidence (not the image library, whose descriptors want an image
+        modality), and each finding's group references its own as IMAGE (130401, DCM,
+        "Visual explanation").
 
     Returns
     -------
@@ -359,6 +407,7 @@ def build_sr(
         previous=previous,
         is_complete=not failures,
         sop_class=sop_class,
+        heatmap_images=heatmap_images,
     )
 
 

@@ -150,7 +150,9 @@ def test_replay_command_queues_the_study(
 def _fake_analysis(calls: list[Any]) -> Callable[..., list[dict[str, Any]]]:
     """Every model the (restricted) registry holds scores the series; records what it got."""
 
-    def run(series: Any, registry: Any, metrics: Any, shadow: frozenset[str]) -> list[dict]:
+    def run(
+        series: Any, registry: Any, metrics: Any, shadow: frozenset[str], heatmaps: Any = None
+    ) -> list[dict]:
         calls.append((registry, shadow))
         out = []
         for model in (*registry.cnns, *registry.lstms):

@@ -212,9 +212,9 @@ def test_a_hot_cell_is_drawn_on_its_centre() -> None:
 
     drawn = upsample_cells(cells, CellGrid((8.5, 8.5), (4.0, 4.0)), (32, 32))
 
-    assert drawn[0, 12:14, 16:18].min() == pytest.approx(0.875)
-    assert np.unravel_index(np.argmax(drawn[0]), (32, 32)) in {(12, 16), (12, 17), (13, 16),
-                                                                (13, 17)}
+    # centre (12.5, 16.5): the four pixels around it share the peak, 0.875 ** 2
+    np.testing.assert_allclose(drawn[0, 12:14, 16:18], 0.765625)
+    assert drawn[0].max() == pytest.approx(0.765625)
 
 
 def _brightness_cnn(size: int) -> keras.Model:
@@ -235,10 +235,13 @@ def _brightness_cnn(size: int) -> keras.Model:
     return model
 
 
-def _spot_file(path: Path, rows: int, columns: int, spot: tuple[int, int]) -> Path:
-    """A 16-bit grey image, dark but for one small bright spot."""
+def _spot_file(path: Path, rows: int, columns: int, *spots: tuple[int, int]) -> Path:
+    """A 16-bit grey image, dark but for one small bright spot; a frame per spot."""
     yy, xx = np.mgrid[0:rows, 0:columns]
-    image = 100 + 3000 * np.exp(-((yy - spot[0]) ** 2 + (xx - spot[1]) ** 2) / 18.0)
+    frames = [
+        100 + 3000 * np.exp(-((yy - spot[0]) ** 2 + (xx - spot[1]) ** 2) / 18.0)
+        for spot in spots
+    ]
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -249,29 +252,48 @@ def _spot_file(path: Path, rows: int, columns: int, spot: tuple[int, int]) -> Pa
     ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = image.astype(np.uint16).tobytes()
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
+    ds.PixelData = np.stack(frames).astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _hot_centre(heatmap: np.ndarray) -> tuple[float, float]:
+    """Centre of mass of the hottest part of a map."""
+    hot = np.where(heatmap > 0.8, heatmap, 0.0)
+    rows, columns = np.indices(heatmap.shape)
+    return float((hot * rows).sum() / hot.sum()), float((hot * columns).sum() / hot.sum())
+
+
+@pytest.fixture(scope="module")
+def bright() -> SimpleNamespace:
+    """The brightness CNN with a manifest, as a LoadedModel-like object."""
+    fields = manifest_fields("bright", conv_filters=[1, 1, 1], embedding_width=4)
+    fields["input_shape"] = [32, 32, 3]
+    return SimpleNamespace(manifest=Manifest.model_validate(fields), model=_brightness_cnn(32))
 
 
 @pytest.mark.parametrize(
     ("rows", "columns", "spot"),
     [(64, 96, (12, 80)), (96, 64, (80, 10)), (40, 40, (8, 30)), (130, 70, (20, 15))],
 )
-def test_the_map_lies_on_the_pixels_that_drove_the_score(tmp_path, rows, columns, spot):
-    fields = manifest_fields("bright", conv_filters=[1, 1, 1], embedding_width=4)
-    fields["input_shape"] = [32, 32, 3]
-    loaded = SimpleNamespace(
-        manifest=Manifest.model_validate(fields), model=_brightness_cnn(32)
-    )
+def test_the_map_lies_on_the_pixels_that_drove_the_score(tmp_path, bright, rows, columns, spot):
     path = _spot_file(tmp_path / "spot.dcm", rows, columns, spot)
 
-    grey, heatmap = source_heatmap(loaded, path, class_index=1)  # type: ignore[arg-type]
+    grey, heatmap = source_heatmap(bright, path, class_index=1)
 
     assert grey.shape == heatmap.shape == (rows, columns)
-    hot = np.where(heatmap > 0.8, heatmap, 0.0)
-    centre = (
-        (hot * np.arange(rows)[:, None]).sum() / hot.sum(),
-        (hot * np.arange(columns)[None, :]).sum() / hot.sum(),
-    )
+    centre = _hot_centre(heatmap)
     assert abs(centre[0] - spot[0]) <= 3 and abs(centre[1] - spot[1]) <= 3, centre
+
+
+def test_the_frame_asked_for_is_the_one_explained(tmp_path, bright):
+    spots = [(14, 14), (30, 20)]
+    frames = _spot_file(tmp_path / "frames.dcm", 48, 48, *spots)
+
+    for number, spot in enumerate(spots, start=1):
+        alone = _spot_file(tmp_path / f"alone{number}.dcm", 48, 48, spot)
+        _, expected = source_heatmap(bright, alone, class_index=1)
+        _, heatmap = source_heatmap(bright, frames, class_index=1, frame=number)
+        np.testing.assert_array_equal(heatmap, expected)
