@@ -102,7 +102,8 @@ def make_demo(out: Path, config: DemoConfig | None = None, *, progress: bool = T
     )
     rules = Selection(modalities=["CT"], sop_class_uids=[CTImageStorage])
     cnn = train_cnn(data, labels, models / "demo-cnn", TrainOptions(
-        name="demo-cnn", epochs=config.cnn_epochs, selection=rules, **common))
+        name="demo-cnn", epochs=config.cnn_epochs, selection=rules,
+        extra={"heatmaps": True}, **common))
     lstm = train_lstm(data, labels, models / "demo-lstm", models / "demo-cnn", TrainOptions(
         name="demo-lstm", epochs=config.lstm_epochs, batch_size=16,
         selection=rules.model_copy(update={"min_slices": 2}), **common))
