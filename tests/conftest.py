@@ -64,6 +64,26 @@ def drop_pg_schema(schema: str) -> None:
     admin.dispose()
 
 
+_PYNETDICOM_FLAGS = (
+    "UNRESTRICTED_STORAGE_SERVICE",
+    "STORE_RECV_CHUNKED_DATASET",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_pynetdicom_flags() -> Iterator[None]:
+    """An in-process receiver sets pynetdicom's process-wide flags; later tests get them back."""
+    from pynetdicom import _config
+
+    saved = {name: getattr(_config, name) for name in _PYNETDICOM_FLAGS}
+    yield
+    for name, value in saved.items():
+        setattr(_config, name, value)
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

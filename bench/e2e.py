@@ -1,0 +1,322 @@
+"""End-to-end latency: last instance acknowledged to the SR stored in Orthanc, minus the quiet
+window, against the pure compiled CNN+LSTM forward on the same study's ready tensors.
+
+    python -m bench.e2e [--slices 200] [--size 512] [--repeats 3] [--quiet 2]
+
+Set-up, all on loopback, in one temporary directory:
+
+- models: the seed architecture (CNN 224x224x3, LSTM on its 512-wide embedding) with seeded
+  random weights, exactly as `bench.inference` builds them: the cost of the production-sized
+  model, with no training (the demo models are smaller and take minutes to train).
+- a real Orthanc (`tests.peers.Orthanc`, TCP_NODELAY=1) as the only destination;
+- `pacs-ai serve` (`tests.daemon_proc.Daemon`) with SQLite, `quiet_seconds` = --quiet and
+  one worker;
+- each study: a phantom CT (`models.phantom.write_series`) with fresh study/series UIDs, sent
+  by DCMTK `/usr/bin/storescu` (TCP_NODELAY=1). The moment storescu exits is "last instance
+  acknowledged"; Orthanc's `/tools/find` is then polled every 50 ms for the study's SR.
+
+latency = (SR found) - (storescu exited) - quiet_seconds. One warm-up study (the worker's
+first, which traces the model graph) is reported apart and not counted. After each study the
+pure forward is timed once in this process, so both figures see the same machine noise; the
+medians are compared. The daemon's log gives each study's stages ("study queued for
+analysis", "job started", "series analysed", "report written", "sent", "job done").
+The last line is `RESULT e2e latency_s=... model_s=... ratio=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import STORESCU, fields, loadavg, median
+
+TARGET_RATIO = 1.25
+POLL_S = 0.05
+DAEMON_AET = "PACSAI"
+
+
+# The study and the pure forward -----------------------------------------------------------
+
+
+def write_study(out: Path, slices: int, size: int, seed: int) -> tuple[str, list[Path]]:
+    """A phantom CT series with fresh study and series UIDs; (study UID, files)."""
+    from pydicom.uid import generate_uid
+
+    from models.phantom import write_series
+
+    study_uid = generate_uid()
+    paths = write_series(out, slices=slices, rows=size, cols=size, lesion=True, seed=seed,
+                         study_uid=study_uid, series_uid=generate_uid())
+    return study_uid, list(paths)
+
+
+def pure_forward(models_dir: Path, paths: list[Path], batch: int) -> Callable[[], object]:
+    """The compiled CNN+LSTM forward on the study's ready tensors, as bench.inference times it."""
+    import numpy as np
+    import tensorflow as tf
+
+    from models.cnn import compile_forward
+    from models.ordering import order_slices
+    from models.preprocess import preprocess_file
+    from models.registry import Registry, SeriesInfo
+
+    registry = Registry.load(models_dir)
+    (choice,) = registry.select(SeriesInfo.from_files(paths))
+    cnn, (lstm,) = choice.cnn, choice.lstms
+    shape, window = cnn.manifest.input_shape, cnn.manifest.preprocessing.window
+    ordered = [ref.path for ref in order_slices(paths).slices]
+    ready = np.concatenate([preprocess_file(p, shape, window) for p in ordered])
+    batches = [tf.constant(ready[i:i + batch]) for i in range(0, len(ready), batch)]
+    pure_cnn = compile_forward(cnn.model)
+
+    def forward() -> object:
+        embedding = np.concatenate([pure_cnn(b)[1].numpy() for b in batches])
+        return lstm.forward(tf.constant(embedding[np.newaxis])).numpy()
+
+    return forward
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+# The daemon's log --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LogLine:
+    at: float  # epoch seconds
+    message: str
+    fields: dict[str, str]
+
+
+_MESSAGES = ("study queued for analysis", "job started", "series analysed", "report written",
+             "sent", "job done")
+
+
+def read_log(text: str) -> list[LogLine]:
+    """The daemon log lines this benchmark follows, with their UTC timestamps as epoch seconds."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) < 4 or not parts[0].endswith("Z"):
+            continue
+        try:
+            at = dt.datetime.strptime(parts[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+        rest = parts[3]
+        for message in _MESSAGES:
+            if rest.startswith(message + " ") or rest == message:
+                out.append(LogLine(at.timestamp(), message, fields(rest[len(message):])))
+                break
+    return out
+
+
+STAGES = (
+    ("quiet timer", "ack", "queued"),
+    ("queue to analyse start", "queued", "analyse_start"),
+    ("inference (series analysed)", "analyse_start", "series_analysed"),
+    ("results to DB, analyse done", "series_analysed", "analyse_done"),
+    ("to report start", "analyse_done", "report_start"),
+    ("report (SR build, write)", "report_start", "report_written"),
+    ("to dispatch start", "report_written", "dispatch_start"),
+    ("dispatch until SR in Orthanc", "dispatch_start", "found"),
+)
+# Logged after the SR was already visible in Orthanc (association release, bookkeeping).
+AFTER = (
+    ("'sent' logged after", "found", "sent"),
+    ("dispatch 'job done' after", "found", "dispatch_done"),
+)
+
+
+def study_marks(lines: list[LogLine], study_uid: str) -> dict[str, float]:
+    """Timestamps of one study's stages, following its analyse, report and dispatch jobs."""
+    marks: dict[str, float] = {}
+    jobs: dict[str, str] = {}
+    for ln in lines:
+        f = ln.fields
+        if ln.message == "study queued for analysis" and f.get("study") == study_uid:
+            marks.setdefault("queued", ln.at)
+            jobs[f.get("job", "")] = "analyse"
+        elif ln.message == "job started":
+            if f.get("job") in jobs:
+                marks.setdefault(f"{jobs[f['job']]}_start", ln.at)
+            elif f.get("kind") == "report" and study_uid in f.get("key", ""):
+                jobs[f.get("job", "")] = "report"
+                marks.setdefault("report_start", ln.at)
+            elif f.get("kind") == "dispatch" and "report_written" in marks \
+                    and "dispatch_start" not in marks:
+                jobs[f.get("job", "")] = "dispatch"
+                marks["dispatch_start"] = ln.at
+        elif ln.message == "series analysed" and "analyse_start" in marks \
+                and "analyse_done" not in marks:
+            marks.setdefault("series_analysed", ln.at)
+            marks.setdefault("inference_s", float(f.get("seconds", "nan")))
+        elif ln.message == "report written" and f.get("study") == study_uid:
+            marks.setdefault("report_written", ln.at)
+        elif ln.message == "sent" and "dispatch_start" in marks and "dispatch_done" not in marks:
+            marks.setdefault("sent", ln.at)
+        elif ln.message == "job done" and f.get("job") in jobs:
+            marks.setdefault(f"{jobs[f['job']]}_done", ln.at)
+    return marks
+
+
+# One study through the daemon ---------------------------------------------------------------
+
+
+def send(port: int, files: list[Path]) -> float:
+    """storescu every file in one association; the epoch time it exited (all acknowledged)."""
+    done = subprocess.run(
+        [STORESCU, "-aet", "BENCHSCU", "-aec", DAEMON_AET, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, check=False, timeout=600,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    acked = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr[-600:]}")
+    return acked
+
+
+def wait_for_sr(orthanc: Any, study_uid: str, timeout: float) -> float:
+    """Poll Orthanc every 50 ms for an SR of the study; the epoch time it was first seen."""
+    query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if orthanc.rest("/tools/find", query):
+            return time.time()
+        time.sleep(POLL_S)
+    raise RuntimeError(f"no SR for study {study_uid} in Orthanc after {timeout} s")
+
+
+def run_study(daemon: Any, orthanc: Any, study_uid: str, files: list[Path], quiet: float,
+              timeout: float) -> dict[str, float]:
+    """Send one study and wait for its SR; its latency and stage marks."""
+    acked = send(daemon.port, files)
+    found = wait_for_sr(orthanc, study_uid, timeout)
+    time.sleep(0.3)  # let the daemon flush its "job done" line for the dispatch
+    marks = study_marks(read_log(daemon.log()), study_uid)
+    marks.update(ack=acked, found=found, latency=found - acked - quiet, total=found - acked)
+    return marks
+
+
+def stage_table(runs: list[dict[str, float]]) -> list[str]:
+    """Median seconds of each stage over the runs, with each run's figure."""
+    out = []
+    for name, start, end in (*STAGES, *AFTER):
+        if (name, start, end) == AFTER[0]:
+            out.append("  after the SR was found (not part of the latency):")
+        values = [r[end] - r[start] for r in runs if start in r and end in r]
+        each = " ".join(f"{v:.3f}" for v in values)
+        out.append(f"  {name:<30} {median(values):7.3f} s   (runs: {each})")
+    return out
+
+
+# Main ----------------------------------------------------------------------------------------
+
+
+def daemon_config(work: Path, models_dir: Path, orthanc: Any, quiet: float) -> dict[str, Any]:
+    from tests.peers import free_port
+
+    return {
+        "dicom": {"ae_title": DAEMON_AET, "bind": "127.0.0.1", "port": free_port()},
+        "storage": {"spool_dir": work / "spool", "min_free_mb": 1,
+                    "database_url": f"sqlite:///{work / 'pacs-ai.db'}"},
+        "assembly": {"quiet_seconds": quiet, "sweep_seconds": 60},
+        "workers": {"count": 1, "lease_seconds": 120},
+        "models": {"dir": models_dir},
+        "retry": {"base_seconds": 1, "factor": 2, "cap_seconds": 4, "max_attempts": 5},
+        "metrics": {"port": 0},
+        "destinations": [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                          "port": orthanc.dicom_port}],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quiet", type=float, default=2.0, help="[assembly] quiet_seconds")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the pure forward")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per study, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    for tool in (STORESCU, "/usr/sbin/Orthanc"):
+        if not Path(tool).exists():
+            print(f"missing {tool}", file=sys.stderr)
+            return 2
+
+    from bench.inference import _write_models
+    from tests.daemon_proc import Daemon
+    from tests.peers import Orthanc
+
+    root = Path(tempfile.mkdtemp(prefix="pacsai-bench-e2e-"))
+    try:
+        print(f"e2e benchmark: {args.slices} x {args.size}x{args.size} phantom CT per study, "
+              f"quiet_seconds={args.quiet}, 1 worker, SQLite, Orthanc (TCP_NODELAY=1); "
+              f"1 warm-up study + {args.repeats}; load {loadavg()}", flush=True)
+        models_dir = _write_models(root / "models", seed=7)
+        studies = [write_study(root / f"study{i}", args.slices, args.size, seed=7)
+                   for i in range(args.repeats + 1)]
+        forward = pure_forward(models_dir, studies[0][1], args.batch)
+        forward()  # trace once
+        model_times: list[float] = []
+        runs: list[dict[str, float]] = []
+        with Orthanc(workdir=root / "orthanc") as orthanc:
+            work = root / "daemon"
+            work.mkdir()
+            config = daemon_config(work, models_dir, orthanc, args.quiet)
+            with Daemon(work, config) as daemon:
+                for i, (study_uid, files) in enumerate(studies):
+                    try:
+                        marks = run_study(daemon, orthanc, study_uid, files, args.quiet,
+                                          args.timeout)
+                    except RuntimeError:
+                        print(f"daemon log (tail):\n{daemon.log()[-4000:]}", file=sys.stderr)
+                        raise
+                    model_s = timed(forward)
+                    label = "warm-up" if i == 0 else f"run {i}"
+                    print(f"  {label:<8} latency {marks['latency']:.3f} s (ack to SR "
+                          f"{marks['total']:.3f} s, inference in daemon "
+                          f"{marks.get('inference_s', float('nan')):.3f} s), pure forward "
+                          f"{model_s:.3f} s; load {loadavg()}", flush=True)
+                    if i == 0:
+                        warm = marks
+                        continue
+                    runs.append(marks)
+                    model_times.append(model_s)
+                if args.keep:
+                    print(f"daemon log: {daemon.log_path}")
+        latency, model_s = median([r["latency"] for r in runs]), median(model_times)
+        ratio = latency / model_s
+        print("where the time goes (median seconds; ack = storescu exited):")
+        print("\n".join(stage_table(runs)))
+        print(f"warm-up study: latency {warm['latency']:.3f} s (not counted)")
+        print(f"latency (ack to SR in Orthanc, minus quiet {args.quiet} s): {latency:.3f} s; "
+              f"pure CNN+LSTM forward: {model_s:.3f} s; ratio {ratio:.3f} "
+              f"(target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'missed'}); "
+              f"load {loadavg()}")
+        print(f"RESULT e2e latency_s={latency:.3f} model_s={model_s:.3f} ratio={ratio:.3f} "
+              f"slices={args.slices} size={args.size} repeats={len(runs)} quiet_s={args.quiet}")
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
