@@ -64,5 +64,5 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
     root.setLevel(level.upper())
     # pynetdicom logs identifiers (patient names) at INFO; keep it at WARNING unless debugging.
     noisy = logging.DEBUG if level == "debug" else logging.WARNING
-    for name in ("pynetdicom", "apscheduler", "alembic", "tensorflow", "absl", "h5py"):
+    for name in ("pynetdicom", "apscheduler", "alembic", "tensorflow", "absl", "h5py", "highdicom"):
         logging.getLogger(name).setLevel(noisy)

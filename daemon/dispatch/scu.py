@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from daemon.config import Destination, DicomSettings, TLSSettings
 from daemon.logsetup import kv
+from daemon.uids import hashed_uid
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,38 @@ class _Candidate:
     sop_class_uid: UID
     sop_instance_uid: UID
     transfer_syntax: UID
+    relabelled: bool = False  # sent as `sop_class_uid`/`sop_instance_uid`, not as on disk
+
+
+def enhanced_twin(main: _Candidate) -> _Candidate:
+    """The Enhanced SR twin of a Comprehensive 3D SR without 3D coordinates, under its own UID.
+
+    Its content needs no change (no SCOORD3D is ever written), so the twin is made at send
+    time and only for a destination that refuses Comprehensive 3D SR.
+    """
+    return _Candidate(
+        main.path,
+        UID(ENHANCED_SR),
+        UID(hashed_uid(["pacs-ai/enhanced-twin/v1", main.sop_instance_uid])),
+        main.transfer_syntax,
+        relabelled=True,
+    )
+
+
+def enhanced_twin_dataset(path: Path) -> Dataset:
+    """The Enhanced SR twin of the Comprehensive 3D SR at `path`, exactly as it is sent."""
+    twin = _dataset_to_send(enhanced_twin(_read_candidate(path)))
+    assert isinstance(twin, Dataset)
+    return twin
+
+
+def _dataset_to_send(cand: _Candidate) -> Path | Dataset:
+    if not cand.relabelled:
+        return cand.path
+    ds = dcmread(cand.path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = cand.sop_class_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = cand.sop_instance_uid
+    return ds
 
 
 def status_meaning(status: int) -> str:
@@ -369,7 +402,7 @@ def _associate(
 def _store(assoc: Association, cand: _Candidate, fallback: bool) -> SendOutcome:
     """One C-STORE on an established association."""
     try:
-        rsp: Dataset = assoc.send_c_store(cand.path)
+        rsp: Dataset = assoc.send_c_store(_dataset_to_send(cand))
     except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
         # ValueError: no usable context or the data set cannot be encoded; the others:
         # the file changed or broke after its header was read.
@@ -403,13 +436,14 @@ def send_file(
     calling_ae: str,
     options: ScuOptions | None = None,
 ) -> SendOutcome:
-    """C-STORE `path` to `destination`; send `fallback_path` instead if only its class is taken.
+    """C-STORE `path` to `destination`; send the fallback instead if only its class is taken.
 
-    Both files' SOP classes (read from the files) are proposed on one association, each
-    with the file's own transfer syntax and explicit/implicit little endian. The main
-    file goes when its class is accepted; the fallback (the report's Enhanced SR twin,
-    its own SOP Instance UID) goes when only its class is accepted, or when the main
-    store is refused as "SOP class not supported". Never raises for peer problems.
+    Both SOP classes are proposed on one association, each with the file's own transfer
+    syntax and explicit/implicit little endian. The main file goes when its class is
+    accepted; the fallback goes when only its class is accepted, or when the main store is
+    refused as "SOP class not supported". The fallback is `fallback_path`, or for a
+    Comprehensive 3D SR without one its Enhanced SR twin (`enhanced_twin`). Never raises
+    for peer problems.
     """
     options = options or ScuOptions()
     try:
@@ -417,6 +451,8 @@ def send_file(
         alternate = _read_candidate(fallback_path) if fallback_path is not None else None
     except (OSError, InvalidDicomError) as exc:
         return SendOutcome(False, BAD_FILE, f"cannot read report file: {exc}", retryable=False)
+    if alternate is None and main.sop_class_uid == COMPREHENSIVE_3D_SR:
+        alternate = enhanced_twin(main)
     candidates = [main] if alternate is None else [main, alternate]
 
     watcher = _Watcher()

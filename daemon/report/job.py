@@ -173,9 +173,10 @@ def build_report(
     version: int,
     analyse_job_id: int,
     heatmaps: Mapping[ResultKey, Sequence[Dataset]] | None = None,
-) -> tuple[str, Dataset, Dataset] | None:
-    """The SR and its Enhanced SR fallback for one study version, or None when nothing is due;
-    `heatmaps` (from `build_heatmaps`) are referenced from the findings they explain."""
+) -> Dataset | None:
+    """The SR for one study version, or None when nothing is due; `heatmaps` (from
+    `build_heatmaps`) are referenced from the findings they explain. A destination that
+    refuses Comprehensive 3D SR gets its Enhanced SR twin, made by dispatch at send time."""
     rows = list(
         conn.execute(
             select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
@@ -212,38 +213,22 @@ def build_report(
             return None
         sources = _headers(i.path for i in instances[:SOURCES_FOR_NO_MODEL])
         keys = ["no-applicable-model"]
-        main_uid = sr_uid(study.study_uid, version, keys)
-        fallback_uid = sr_uid(study.study_uid, version, keys, variant="enhanced")
-        main = build_no_applicable_model_sr(sources, sop_instance_uid=main_uid, **common)
-        fallback = build_no_applicable_model_sr(
-            sources, sop_instance_uid=fallback_uid, sop_class="enhanced", **common
+        return build_no_applicable_model_sr(
+            sources, sop_instance_uid=sr_uid(study.study_uid, version, keys), **common
         )
-        return main_uid, main, fallback
     referenced = dict.fromkeys(e.sop_instance_uid for f in findings for e in f.evidence)
     if not referenced:
         referenced = dict.fromkeys([instances[0].sop_instance_uid])
     sources = _headers(by_uid[uid].path for uid in referenced)
     keys = sorted({f.model_key for f in findings} | {f.model_name for f in failures})
-    main_uid = sr_uid(study.study_uid, version, keys)
-    fallback_uid = sr_uid(study.study_uid, version, keys, variant="enhanced")
-    main = build_sr(
+    return build_sr(
         sources,
         findings,
-        sop_instance_uid=main_uid,
+        sop_instance_uid=sr_uid(study.study_uid, version, keys),
         failures=failures,
         heatmap_images=heatmap_images,
         **common,
     )
-    fallback = build_sr(
-        sources,
-        findings,
-        sop_instance_uid=fallback_uid,
-        failures=failures,
-        sop_class="enhanced",
-        heatmap_images=heatmap_images,
-        **common,
-    )
-    return main_uid, main, fallback
 
 
 def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
@@ -253,23 +238,21 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     with ctx.engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
         heatmaps = build_heatmaps(conn, ctx.settings, study, version, analyse_job_id)
-        built = build_report(conn, ctx.settings, study, version, analyse_job_id, heatmaps)
-    if built is None:
+        main = build_report(conn, ctx.settings, study, version, analyse_job_id, heatmaps)
+    if main is None:
         with ctx.engine.begin() as conn:
             queue.complete(conn, job.id, job.lease_owner)
         log.info("no report for study", extra=kv(study=study.study_uid, version=version))
         return
-    uid, main, fallback = built
+    uid = str(main.SOPInstanceUID)
     spool: Spool = ctx.spool
     main_path = spool.report_path(study.study_uid, uid)
-    fallback_path = spool.report_path(study.study_uid, fallback.SOPInstanceUID)
     spool.make_dirs(main_path.parent)
     captures = [sc for group in heatmaps.values() for sc in group]
     capture_paths = [spool.report_path(study.study_uid, sc.SOPInstanceUID) for sc in captures]
     for capture, path in zip(captures, capture_paths, strict=True):
         spool.write_atomic(path, _encode(capture))
     spool.write_atomic(main_path, _encode(main))
-    spool.write_atomic(fallback_path, _encode(fallback))
     with ctx.engine.begin() as conn:
         for capture, path in zip(captures, capture_paths, strict=True):
             capture_id = conn.execute(
@@ -293,7 +276,6 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
                 sop_instance_uid=uid,
                 sop_class_uid=str(main.SOPClassUID),
                 path=str(main_path),
-                fallback_path=str(fallback_path),
             )
             .returning(Report.id)
         ).scalar_one()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 
+from daemon.dispatch.scu import enhanced_twin_dataset
 from daemon.report import (
     SeriesFailure,
     build_no_applicable_model_sr,
@@ -83,6 +85,14 @@ def _enhanced() -> Dataset:
     )
 
 
+def _enhanced_twin() -> Dataset:
+    """The Comprehensive 3D SR relabelled by dispatch for a PACS that takes only Enhanced SR."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sr.dcm"
+        write_dataset(_findings_and_failure(), path)
+        return enhanced_twin_dataset(path)
+
+
 def _only_failures() -> Dataset:
     study = ct_series(2)
     uid = str(study[0].StudyInstanceUID)
@@ -119,6 +129,7 @@ VARIANTS: dict[str, tuple[Callable[[], Dataset], str]] = {
     "only_failures": (_only_failures, "Comprehensive3DSR"),
     "no_applicable_model": (_no_applicable_model, "Comprehensive3DSR"),
     "enhanced": (_enhanced, "EnhancedSR"),
+    "enhanced_twin": (_enhanced_twin, "EnhancedSR"),
     "previous_versions": (_previous_versions, "Comprehensive3DSR"),
     "ct_small_source": (_ct_small, "Comprehensive3DSR"),
 }

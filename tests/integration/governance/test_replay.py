@@ -314,7 +314,8 @@ def test_sr_of_the_replay_names_the_earlier_sr_as_its_predecessor(
     with engine.connect() as conn:
         built = build_report(conn, settings, study, 1, first_job)
     assert built is not None
-    first_uid, first_sr, _ = built
+    first_sr = built
+    first_uid = str(first_sr.SOPInstanceUID)
     first_path = spool.report_path(study_uid, first_uid)
     spool.make_dirs(first_path.parent)
     first_sr.save_as(first_path, enforce_file_format=True)
@@ -325,7 +326,7 @@ def test_sr_of_the_replay_names_the_earlier_sr_as_its_predecessor(
     with engine.connect() as conn:
         built = build_report(conn, settings, _study(engine, study_uid), 2, queued.job_id)
     assert built is not None
-    _, second_sr, _ = built
+    second_sr = built
     predecessors = [
         item.ReferencedSOPInstanceUID
         for study_item in second_sr.PredecessorDocumentsSequence

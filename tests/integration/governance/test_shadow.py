@@ -111,8 +111,8 @@ def test_study_with_only_shadow_results_gets_the_no_applicable_model_sr(
     with engine.connect() as conn:
         built = build_report(conn, settings, _study_row(engine, study_uid), 1, job_id)
     assert built is not None
-    uid, main, _fallback = built
-    assert uid == sr_uid(study_uid, 1, ["no-applicable-model"])
+    main = built
+    assert main.SOPInstanceUID == sr_uid(study_uid, 1, ["no-applicable-model"])
     assert "shadowed" not in str(main)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from daemon.config import Destination
@@ -61,10 +62,19 @@ def test_neither_class_accepted_is_a_retryable_failure(sr_pair: tuple[Path, Path
     assert scp.received == []
 
 
-def test_without_fallback_file_only_the_main_class_is_tried(sr_pair: tuple[Path, Path]) -> None:
+def test_without_fallback_file_the_enhanced_twin_goes_under_its_own_uid(
+    sr_pair: tuple[Path, Path],
+) -> None:
+    main_uid = dcmread(sr_pair[0], stop_before_pixels=True).SOPInstanceUID
     with RecordingSCP([ENHANCED_SR]) as scp:
-        outcome = send_file(sr_pair[0], None, to(scp), "PACSAI")
-    assert outcome.kind == NO_CONTEXT
+        first = send_file(sr_pair[0], None, to(scp), "PACSAI")
+        again = send_file(sr_pair[0], None, to(scp), "PACSAI")
+    assert first.ok and first.fallback_used
+    assert [r[0] for r in scp.received] == [ENHANCED_SR, ENHANCED_SR]
+    twin_uids = {r[1] for r in scp.received}
+    assert len(twin_uids) == 1, "the twin's UID is derived, so a resend is the same instance"
+    assert main_uid not in twin_uids
+    assert first.sop_instance_uid == again.sop_instance_uid == twin_uids.pop()
 
 
 def test_class_refused_at_store_time_falls_back(sr_pair: tuple[Path, Path]) -> None:
