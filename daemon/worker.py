@@ -213,8 +213,9 @@ def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, le
     _install_signals(stopping)
     ctx = _context_or_exit(settings, f"w{index}")
     handlers = load_handlers()
-    ready.set()
+    # Logged before the parent is told, so the line precedes READY=1 in serve's log.
     log.info("worker ready", extra=kv(worker=index, owner=ctx.owner))
+    ready.set()
     try:
         work_loop(ctx, handlers, stopping)
     except ColdShutdown:

@@ -221,6 +221,8 @@ class _Listener:
             daemon=True,
         )
         self._stopped = False
+        self._stop_lock = threading.Lock()
+        self._deadline = float("inf")
 
     def start(self) -> None:
         self.thread.start()
@@ -229,29 +231,35 @@ class _Listener:
         return self.thread.is_alive() and not self._stopped
 
     def in_flight(self) -> int:
-        return len(self.ae.acceptors())
+        """Established associations; a rejected one waiting for its peer to hang up is not."""
+        return sum(1 for a in self.ae.acceptors() if a.is_established)
 
     def stop_accepting(self) -> None:
         self.ae.draining = True
 
     def stop(self, drain_seconds: float) -> None:
-        """Reject new associations, let running ones finish, abort the rest, close."""
-        if self._stopped:
-            return
+        """Reject new associations, let running ones finish, abort the rest, close.
+
+        Safe to call again from another thread: a later call with a shorter drain cuts the
+        running one short (a second SIGTERM), and only one call closes the server.
+        """
         self.stop_accepting()
-        deadline = time.monotonic() + drain_seconds
-        while self.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for assoc in self.ae.acceptors():
-            log.warning(
-                "aborting association at shutdown",
-                extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
-            )
-            assoc.abort()
-        self._stopped = True
-        self.server.shutdown()
-        self.thread.join(timeout=5)
-        self.ingestor.close()
+        self._deadline = min(self._deadline, time.monotonic() + drain_seconds)
+        with self._stop_lock:
+            if self._stopped:
+                return
+            while self.in_flight() and time.monotonic() < self._deadline:
+                time.sleep(0.05)
+            for assoc in self.ae.acceptors():
+                log.warning(
+                    "aborting association at shutdown",
+                    extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
+                )
+                assoc.abort()
+            self._stopped = True
+            self.server.shutdown()
+            self.thread.join(timeout=5)
+            self.ingestor.close()
 
     # Event handlers ---------------------------------------------------------------------
 
@@ -333,8 +341,8 @@ def _child_main(
     counts: SynchronizedArray[Any],
     events: Any,
     ready: MpEvent,
-    draining: MpEvent,
-    stopping: MpEvent,
+    draining: Any,
+    stopping: Any,
     drain: Any,
     log_level: str,
 ) -> None:
@@ -353,11 +361,18 @@ def _child_main(
     )
     listener.start()
     ready.set()
-    while not stopping.wait(POLL_SECONDS):
-        if draining.is_set():
+    # Plain shared flags, polled: a process killed while waiting on an mp.Event would make the
+    # parent's set() wait for it forever.
+    while not stopping.value:
+        if draining.value:
             listener.stop_accepting()
         listener.ae.publish_count()
-    listener.stop(drain.value)
+        time.sleep(POLL_SECONDS)
+    listener.stop_accepting()
+    started = time.monotonic()
+    while listener.in_flight() and time.monotonic() - started < drain.value:
+        time.sleep(0.05)  # the parent may shorten `drain` meanwhile (a second SIGTERM)
+    listener.stop(0.0)
     counts[index] = 0
     events.put(None)
     engine.dispose()
@@ -401,8 +416,8 @@ class Receiver:
         self._listener: _Listener | None = None
         self._procs: list[Any] = []
         self._ctx = mp.get_context("spawn")
-        self._draining = self._ctx.Event()
-        self._stopping = self._ctx.Event()
+        self._draining = self._ctx.Value("b", 0, lock=False)
+        self._stopping = self._ctx.Value("b", 0, lock=False)
         self._drain = self._ctx.Value("d", settings.dicom.drain_seconds)
         self._events: Any = None
         self._forwarder: threading.Thread | None = None
@@ -474,7 +489,7 @@ class Receiver:
         for proc, ready in zip(self._procs, readies, strict=True):
             while not ready.wait(0.05):
                 if not proc.is_alive() or time.monotonic() > deadline:
-                    self._stopping.set()
+                    self._stopping.value = 1
                     self._join(5.0)
                     raise RuntimeError(
                         f"receiver process {proc.name} did not start (exit code {proc.exitcode})"
@@ -501,7 +516,7 @@ class Receiver:
 
         Immediate with one process; sibling processes see it within `POLL_SECONDS`.
         """
-        self._draining.set()
+        self._draining.value = 1
         if self._listener is not None:
             self._listener.stop_accepting()
 
@@ -512,8 +527,8 @@ class Receiver:
         if self._listener is not None:
             self._listener.stop(drain)
         if self._procs:
-            self._drain.value = drain
-            self._stopping.set()
+            self._drain.value = min(self._drain.value, drain)
+            self._stopping.value = 1
             self._join(drain + 10.0)
         log.info("dicom receiver stopped", extra=kv(port=self._port))
 
