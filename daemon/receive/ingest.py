@@ -263,6 +263,19 @@ INSERT_INSTANCE = text(
     "VALUES (:study_id, :series_id, :sop_instance_uid, :sop_class_uid, :transfer_syntax_uid, "
     ":study_version, :path, :size, :sha256, :calling_ae, :received_at)"
 ).bindparams(bindparam("received_at", type_=UTCDateTime()))
+# The same bytes sent again after retention removed their file: the row is the instance's
+# history (results and reports point at it), so it comes back rather than a second one.
+PURGED = text(
+    "SELECT id FROM instances "
+    "WHERE sop_instance_uid = :sop AND sha256 = :sha AND deleted_at IS NOT NULL"
+)
+REVIVE_INSTANCE = text(
+    "UPDATE instances SET study_id = :study_id, series_id = :series_id, "
+    "sop_class_uid = :sop_class_uid, transfer_syntax_uid = :transfer_syntax_uid, "
+    "study_version = :study_version, path = :path, size = :size, calling_ae = :calling_ae, "
+    "received_at = :received_at, superseded_at = NULL, deleted_at = NULL "
+    "WHERE id = :id AND sop_instance_uid = :sop_instance_uid AND sha256 = :sha256"
+).bindparams(bindparam("received_at", type_=UTCDateTime()))
 
 
 class Ingestor:
@@ -542,9 +555,13 @@ class Ingestor:
                 .values(superseded_at=now)
             )
             conn.execute(update(Study).where(Study.id == study_id).values(changed_at=now))
+        purged = conn.execute(
+            PURGED, {"sop": ids.sop_instance_uid, "sha": sha}
+        ).scalar_one_or_none()
         conn.execute(
-            INSERT_INSTANCE,
+            INSERT_INSTANCE if purged is None else REVIVE_INSTANCE,
             {
+                "id": purged,
                 "study_id": study_id,
                 "series_id": series_id,
                 "sop_instance_uid": ids.sop_instance_uid,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pynetdicom import _config
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
-from daemon.db.schema import Instance
+from daemon.db.schema import Instance, utcnow
 from daemon.receive import status
 from tests.integration.receive.helpers import (
     STORESCU,
@@ -124,6 +124,27 @@ def test_identical_resend_is_acknowledged_without_a_new_row(
     (row,) = instance_rows(engine)
     assert row.superseded_at is None
     assert study_row(engine, ds.StudyInstanceUID).changed_at is None
+
+
+def test_identical_resend_after_retention_purged_the_file_revives_the_same_row(
+    engine: Engine, start_receiver, port: int
+) -> None:
+    ds = ct_dataset()
+    start_receiver(engine)
+    with associate(port) as assoc:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    (stored,) = instance_rows(engine)
+    Path(stored.path).unlink()  # what retention does: file removed, row kept, deleted_at set
+    with engine.begin() as conn:
+        conn.execute(
+            update(Instance).where(Instance.id == stored.id).values(deleted_at=utcnow())
+        )
+    with associate(port) as assoc:
+        assert assoc.send_c_store(ds).Status == status.SUCCESS
+    (revived,) = instance_rows(engine)
+    assert revived.id == stored.id
+    assert revived.deleted_at is None and revived.superseded_at is None
+    assert Path(revived.path).is_file()
 
 
 def test_changed_resend_is_stored_as_newer_version_and_older_bytes_kept(
