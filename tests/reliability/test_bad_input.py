@@ -431,16 +431,11 @@ def test_bad_input_gets_its_answer_and_the_daemon_serves_the_next_study(
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pynetdicom buffers a whole PDU of any announced length (up to 4 GiB) before the "
-    "daemon sees it; [dicom] max_pdu is not enforced on receive",
-)
 def test_a_pdu_longer_than_max_pdu_is_refused_before_it_is_buffered(daemon: Daemon) -> None:
     """A peer announcing a P-DATA-TF far beyond our maximum PDU length is cut off at once.
 
-    Today the receiver reads on until the announced length arrives: one association can
-    make `serve` hold gigabytes (300 MiB sent -> RSS +300 MiB, measured by hand).
+    pynetdicom alone reads on until the announced length arrives, so one association could
+    make `serve` hold gigabytes; the receiver refuses before buffering.
     """
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
         sock.sendall(_associate_rq_pdu("BIGPDU"))
