@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -35,6 +37,17 @@ log = logging.getLogger(__name__)
 
 REAP_SECONDS = 15.0
 MODEL_LOAD_TIMEOUT = 600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StartupError(Exception):
@@ -97,6 +110,9 @@ class Service:
         except OSError as exc:
             raise StartupError(f"spool directory {self.spool.root}: {exc.strerror or exc}") from exc
         warn_if_open(self.settings)
+        orphans = queue.expire_leases_of_dead_owners(self.engine, socket.gethostname(), _pid_alive)
+        if orphans:
+            log.warning("jobs of processes that died returned to the queue", extra=kv(jobs=orphans))
         self.scheduler.add_job(
             self._reap, "interval", seconds=REAP_SECONDS, id="reaper", coalesce=True
         )

@@ -7,7 +7,7 @@ import datetime as dt
 import random
 import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -292,6 +292,32 @@ def reap_expired(engine: Engine) -> int:
             )
         ).rowcount
     return dead + requeued
+
+
+def expire_leases_of_dead_owners(engine: Engine, host: str, alive: Callable[[int], bool]) -> int:
+    """End the leases this host's dead processes held, so a restart resumes at once.
+
+    Owners are `host:pid:name`; a lease whose pid is not alive on this host can never be
+    renewed. Without this a restarted service waits out the whole lease.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        rows = conn.execute(
+            sa_select(Job.id, Job.lease_owner).where(
+                Job.state == "running", Job.lease_owner.like(f"{host}:%")
+            )
+        ).all()
+        dead = [
+            (row.id, row.lease_owner)
+            for row in rows
+            if row.lease_owner.split(":")[1].isdigit()
+            and not alive(int(row.lease_owner.split(":")[1]))
+        ]
+        for job_id, owner in dead:
+            conn.execute(update(Job).where(_owned(job_id, owner)).values(lease_expires_at=now))
+    if dead:
+        reap_expired(engine)
+    return len(dead)
 
 
 def counts_by_kind_and_state(conn: Connection) -> dict[str, dict[str, int]]:

@@ -359,3 +359,20 @@ def test_job_of_a_killed_worker_is_reaped_and_claimed_again(engine: Engine, db_u
     with engine.begin() as conn:
         queue.complete(conn, job_id, "survivor")
     assert job_row(engine, job_id).state == "done"
+
+
+def test_leases_of_dead_processes_on_this_host_end_at_restart(engine: Engine) -> None:
+    dead_job = add(engine, "held-by-a-dead-worker")
+    live_job = add(engine, "held-by-a-live-worker")
+    other_host_job = add(engine, "held-on-another-host")
+    assert claim(engine, "box:4242:w0", lease_seconds=600).id == dead_job
+    assert claim(engine, "box:5151:w1", lease_seconds=600).id == live_job
+    assert claim(engine, "other:4242:w0", lease_seconds=600).id == other_host_job
+
+    returned = queue.expire_leases_of_dead_owners(engine, "box", alive=lambda pid: pid == 5151)
+
+    assert returned == 1
+    assert job_row(engine, dead_job).state == "queued"
+    assert job_row(engine, dead_job).lease_owner is None
+    assert job_row(engine, live_job).state == "running"
+    assert job_row(engine, other_host_job).state == "running"
