@@ -274,7 +274,7 @@ def describe_rejection(result: int | None, source: int | None, reason: int | Non
     return f"association rejected ({kind}) by the {who}: {why}"
 
 
-class _Watcher:
+class AssociationWatcher:
     """Records what the association layer saw, since pynetdicom only logs the details."""
 
     def __init__(self) -> None:
@@ -358,7 +358,7 @@ def _sendable(assoc: Association, cand: _Candidate) -> bool:
     return False
 
 
-def _tls_args(tls: TLSSettings | None, host: str) -> tuple[ssl.SSLContext, str] | None:
+def tls_args_for(tls: TLSSettings | None, host: str) -> tuple[ssl.SSLContext, str] | None:
     """A client TLS context checking the peer against `ca` (or the system CAs)."""
     if tls is None:
         return None
@@ -367,7 +367,8 @@ def _tls_args(tls: TLSSettings | None, host: str) -> tuple[ssl.SSLContext, str] 
     return context, host
 
 
-def _make_ae(calling_ae: str, options: ScuOptions) -> AE:
+def make_ae(calling_ae: str, options: ScuOptions) -> AE:
+    """Our SCU's AE with the configured timeouts and PDU size (send, echo and verify share it)."""
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = options.connect_timeout
     ae.acse_timeout = options.acse_timeout
@@ -381,11 +382,11 @@ def _associate(
     ae: AE,
     destination: Destination,
     contexts: list[PresentationContext],
-    watcher: _Watcher,
+    watcher: AssociationWatcher,
 ) -> Association | str:
     """The association, or a one-line reason it could not even be attempted (TLS setup)."""
     try:
-        tls_args = _tls_args(destination.tls, destination.host)
+        tls_args = tls_args_for(destination.tls, destination.host)
     except (OSError, ssl.SSLError) as exc:
         return f"TLS setup failed for {destination.name}: {exc}"
     return ae.associate(
@@ -455,8 +456,8 @@ def send_file(
         alternate = enhanced_twin(main)
     candidates = [main] if alternate is None else [main, alternate]
 
-    watcher = _Watcher()
-    assoc = _associate(_make_ae(calling_ae, options), destination, _contexts(candidates), watcher)
+    watcher = AssociationWatcher()
+    assoc = _associate(make_ae(calling_ae, options), destination, _contexts(candidates), watcher)
     if isinstance(assoc, str):
         return SendOutcome(False, CONNECT_FAILED, assoc, retryable=True)
     if not assoc.is_established:
@@ -520,9 +521,9 @@ def echo(
 ) -> EchoOutcome:
     """C-ECHO `destination`: is it reachable and does it accept us (CLI `echo`, start-up check)."""
     options = options or ScuOptions()
-    watcher = _Watcher()
+    watcher = AssociationWatcher()
     contexts = [build_context(Verification)]
-    assoc = _associate(_make_ae(calling_ae, options), destination, contexts, watcher)
+    assoc = _associate(make_ae(calling_ae, options), destination, contexts, watcher)
     if isinstance(assoc, str):
         return EchoOutcome(False, CONNECT_FAILED, assoc)
     if not assoc.is_established:

@@ -60,11 +60,11 @@ from daemon.dispatch.scu import (
     NO_CONTEXT,
     SUCCESS,
     UNCOMPRESSED,
+    AssociationWatcher,
     ScuOptions,
-    _make_ae,
-    _tls_args,
-    _Watcher,
+    make_ae,
     status_meaning,
+    tls_args_for,
 )
 from daemon.logsetup import kv
 
@@ -229,11 +229,11 @@ def _open(
     handlers: list[tuple[Any, Any]],
 ) -> Association | VerifyOutcome:
     """An association proposing one service, or the outcome saying why there is none."""
-    ae: AE = _make_ae(calling_ae, options)
+    ae: AE = make_ae(calling_ae, options)
     ae.add_requested_context(abstract_syntax, list(UNCOMPRESSED))
-    watcher = _Watcher()
+    watcher = AssociationWatcher()
     try:
-        tls_args = _tls_args(destination.tls, destination.host)
+        tls_args = tls_args_for(destination.tls, destination.host)
     except (OSError, ssl.SSLError) as exc:
         return VerifyOutcome(UNREACHABLE, f"TLS setup failed for {destination.name}: {exc}")
     assoc = ae.associate(
