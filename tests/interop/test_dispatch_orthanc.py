@@ -18,8 +18,7 @@ from sqlalchemy import select
 from daemon.config import Destination, Settings
 from daemon.db import queue
 from daemon.db.engine import make_engine
-from daemon.db.keys import dispatch_key
-from daemon.db.schema import Base, Dispatch, Report, Study
+from daemon.db.schema import Base, Dispatch
 from daemon.dispatch.job import JOB_KIND, run_dispatch
 from daemon.dispatch.scu import (
     COMPREHENSIVE_3D_SR,
@@ -39,6 +38,7 @@ from tests.peers import (
     require_dcmtk,
     require_orthanc,
 )
+from tests.unit.dispatch.dicomfiles import add_dispatch
 
 OUR_AE = "PACSAI"
 
@@ -199,34 +199,14 @@ def test_dispatch_job_delivers_to_orthanc(
     main, fallback, study_uid = sr_files
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        study_id = conn.execute(
-            Study.__table__.insert().values(study_uid=study_uid).returning(Study.id)
-        ).scalar_one()
-        report_id = conn.execute(
-            Report.__table__.insert()
-            .values(
-                study_id=study_id,
-                study_version=1,
-                sop_instance_uid=uid_of(main),
-                sop_class_uid=COMPREHENSIVE_3D_SR,
-                path=str(main),
-                fallback_path=str(fallback),
-            )
-            .returning(Report.id)
-        ).scalar_one()
-        dispatch_id = conn.execute(
-            Dispatch.__table__.insert()
-            .values(report_id=report_id, destination="orthanc")
-            .returning(Dispatch.id)
-        ).scalar_one()
-        queue.enqueue(
-            conn,
-            JOB_KIND,
-            dispatch_key(dispatch_id),
-            max_attempts=3,
-            payload={"dispatch_id": dispatch_id},
-        )
+    dispatch_id = add_dispatch(
+        engine,
+        main,
+        fallback,
+        destination="orthanc",
+        study_uid=study_uid,
+        sop_instance_uid=uid_of(main),
+    )
     job = queue.claim(engine, "w", [JOB_KIND], lease_seconds=60)
     assert job is not None
     settings = Settings(

@@ -20,15 +20,15 @@ from sqlalchemy.orm import Session
 
 from daemon.config import Settings
 from daemon.db import queue
-from daemon.db.keys import dispatch_key, resend_key
+from daemon.db.keys import resend_key
 from daemon.db.queue import ClaimedJob
-from daemon.db.schema import Dispatch, Job, Report, Study
+from daemon.db.schema import Dispatch, Job
 from daemon.dispatch.job import run_dispatch
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR
 from daemon.dispatch.verify import VerifyPending, run_verify
 from daemon.receive.commitment import add_commitment_context, handle_commitment_report
 from tests.interop.test_dispatch_orthanc import sr_files, uid_of  # noqa: F401 - fixture
 from tests.peers import Modality, Orthanc, free_port, require_orthanc
+from tests.unit.dispatch.dicomfiles import add_dispatch as dispatch_row
 
 OUR_AE = "PACSAI"
 OWNER = "verify-interop"
@@ -82,36 +82,15 @@ def settings_for(orthanc: Orthanc, verify: str, tmp_path: Path) -> Settings:
 
 
 def add_dispatch(engine: Engine, main: Path, fallback: Path, study_uid: str) -> int:
-    """The report's study, report and outbox row, and its dispatch job."""
-    with engine.begin() as conn:
-        study_id = conn.execute(
-            Study.__table__.insert().values(study_uid=study_uid).returning(Study.id)
-        ).scalar_one()
-        report_id = conn.execute(
-            Report.__table__.insert()
-            .values(
-                study_id=study_id,
-                study_version=1,
-                sop_instance_uid=uid_of(main),
-                sop_class_uid=COMPREHENSIVE_3D_SR,
-                path=str(main),
-                fallback_path=str(fallback),
-            )
-            .returning(Report.id)
-        ).scalar_one()
-        dispatch_id = conn.execute(
-            Dispatch.__table__.insert()
-            .values(report_id=report_id, destination="orthanc")
-            .returning(Dispatch.id)
-        ).scalar_one()
-        queue.enqueue(
-            conn,
-            "dispatch",
-            dispatch_key(dispatch_id),
-            max_attempts=5,
-            payload={"dispatch_id": dispatch_id, "destination": "orthanc"},
-        )
-    return int(dispatch_id)
+    """The report's study, report and outbox row to Orthanc, and its dispatch job."""
+    return dispatch_row(
+        engine,
+        main,
+        fallback,
+        destination="orthanc",
+        study_uid=study_uid,
+        sop_instance_uid=uid_of(main),
+    )
 
 
 def claim(engine: Engine, kind: str) -> ClaimedJob:

@@ -26,9 +26,9 @@ from daemon.db.deliveries import (
     apply_commitment_report,
 )
 from daemon.db.engine import make_engine
-from daemon.db.keys import dispatch_key, resend_key, verify_key
+from daemon.db.keys import resend_key, verify_key
 from daemon.db.queue import ClaimedJob, RetryPolicy
-from daemon.db.schema import Dispatch, Job, Report, Study
+from daemon.db.schema import Dispatch, Job, Study
 from daemon.dispatch.job import run_dispatch
 from daemon.dispatch.scu import COMPREHENSIVE_3D_SR, ENHANCED_SR
 from daemon.dispatch.verify import (
@@ -47,6 +47,7 @@ from daemon.dispatch.verify import (
 from daemon.spool import Spool
 from daemon.worker import run_one
 from tests.peers import RecordingSCP, free_port
+from tests.unit.dispatch.dicomfiles import add_dispatch
 from tests.unit.dispatch.test_verify_peer import CommitmentPeer
 
 OWNER = "verify-test"
@@ -80,39 +81,6 @@ def settings_for(tmp_path: Path, port: int, verify: str, ae_title: str = "RECORD
             }
         ],
     )
-
-
-def add_dispatch(engine: Engine, sr_pair: tuple[Path, Path]) -> int:
-    """A study, its report, one pending outbox row and its dispatch job; the row's id."""
-    with engine.begin() as conn:
-        study_id = conn.execute(
-            Study.__table__.insert().values(study_uid=generate_uid()).returning(Study.id)
-        ).scalar_one()
-        report_id = conn.execute(
-            Report.__table__.insert()
-            .values(
-                study_id=study_id,
-                study_version=1,
-                sop_instance_uid=generate_uid(),
-                sop_class_uid=COMPREHENSIVE_3D_SR,
-                path=str(sr_pair[0]),
-                fallback_path=str(sr_pair[1]),
-            )
-            .returning(Report.id)
-        ).scalar_one()
-        dispatch_id = conn.execute(
-            Dispatch.__table__.insert()
-            .values(report_id=report_id, destination="pacs", state="pending")
-            .returning(Dispatch.id)
-        ).scalar_one()
-        queue.enqueue(
-            conn,
-            "dispatch",
-            dispatch_key(dispatch_id),
-            max_attempts=5,
-            payload={"dispatch_id": dispatch_id, "destination": "pacs"},
-        )
-    return int(dispatch_id)
 
 
 def claim(engine: Engine, kind: str) -> ClaimedJob:
@@ -157,7 +125,7 @@ def fail_attempt(engine: Engine, job: ClaimedJob, exc: Exception) -> str:
 def test_send_to_a_verifying_destination_queues_verify_in_the_same_commit(
     db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path, verify: str
 ) -> None:
-    dispatch_id = add_dispatch(db, sr_pair)
+    dispatch_id = add_dispatch(db, *sr_pair, destination="pacs")
     send(db, settings_for(tmp_path, SEND_PORT, verify))
     sent = row(db, dispatch_id)
     assert sent.state == "sent" and sent.attempts == 1
@@ -174,7 +142,7 @@ def test_send_to_a_verifying_destination_queues_verify_in_the_same_commit(
 def test_send_to_a_destination_without_verify_is_final(
     db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    dispatch_id = add_dispatch(db, sr_pair)
+    dispatch_id = add_dispatch(db, *sr_pair, destination="pacs")
     send(db, settings_for(tmp_path, SEND_PORT, "none"))
     assert row(db, dispatch_id).state == "sent"
     assert row(db, dispatch_id).transaction_uid is None
@@ -184,7 +152,7 @@ def test_send_to_a_destination_without_verify_is_final(
 def test_fallback_send_is_verified_by_the_fallback_instance(
     db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    add_dispatch(db, sr_pair)
+    add_dispatch(db, *sr_pair, destination="pacs")
     send(db, settings_for(tmp_path, SEND_PORT, "find"), [ENHANCED_SR])
     (job,) = jobs(db, "verify")
     assert job.payload["sop_class_uid"] == ENHANCED_SR
@@ -194,7 +162,7 @@ def test_fallback_send_is_verified_by_the_fallback_instance(
 
 
 def sent_row(db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path, verify: str) -> int:
-    dispatch_id = add_dispatch(db, sr_pair)
+    dispatch_id = add_dispatch(db, *sr_pair, destination="pacs")
     send(db, settings_for(tmp_path, SEND_PORT, verify))
     return dispatch_id
 

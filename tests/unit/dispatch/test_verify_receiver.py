@@ -25,7 +25,8 @@ from daemon.receive.commitment import (
     add_commitment_context,
     handle_commitment_report,
 )
-from tests.unit.dispatch.test_verify import add_dispatch, jobs, row, send, settings_for
+from tests.unit.dispatch.dicomfiles import add_dispatch
+from tests.unit.dispatch.test_verify import jobs, row, send, settings_for
 
 OUR_AE = "PACSAI"
 NO_SUCH_OBJECT_INSTANCE = 0x0112
@@ -93,7 +94,7 @@ def event_information(transaction_uid: str, committed: list[str], failed: list[s
 
 
 def sent_commitment_row(db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path) -> int:
-    dispatch_id = add_dispatch(db, sr_pair)
+    dispatch_id = add_dispatch(db, *sr_pair, destination="pacs")
     send(db, settings_for(tmp_path, 104, "commitment"))
     return dispatch_id
 
