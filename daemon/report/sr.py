@@ -17,7 +17,7 @@ from highdicom.sr import (
     DeviceObserverIdentifyingAttributes,
     EnhancedSR,
     ImageContentItem,
-    ImageLibrary,
+    ImageLibraryEntryDescriptors,
     LanguageOfContentItemAndDescendants,
     Measurement,
     MeasurementReport,
@@ -126,6 +126,67 @@ def _visual_explanation(heatmap: Evidence) -> ImageContentItem:
     )
 
 
+# Descriptors (TID 1602) that differ from slice to slice: left to the images themselves.
+_PER_IMAGE_DESCRIPTORS = frozenset(
+    c.value
+    for c in (
+        codes.DCM.ImagePositionPatientX,
+        codes.DCM.ImagePositionPatientY,
+        codes.DCM.ImagePositionPatientZ,
+    )
+)
+# What images of one library group share: the values their group descriptors come from.
+_GROUP_KEY = (
+    "SOPClassUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "ImageOrientationPatient",
+    "PatientOrientation",
+    "ImagerPixelSpacing",
+)
+_SOURCE = CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
+
+
+def _image_library(images: Sequence[Dataset]) -> ContainerContentItem:
+    """TID 1600 with its descriptors once per group of like images (row 3), entries bare.
+
+    highdicom's ImageLibrary repeats some 16 descriptors on every entry (TID 1601 row 2, which
+    is optional): for a 200-slice CT that is three quarters of a megabyte and seconds of
+    building, for values every slice of a series shares. Positions stay in the images.
+    """
+    groups: dict[tuple[str, ...], list[Dataset]] = {}
+    for ds in images:
+        groups.setdefault(tuple(str(ds.get(k, "")) for k in _GROUP_KEY), []).append(ds)
+    library = ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = ContentSequence()
+    for members in groups.values():
+        group = ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        group.ContentSequence = ContentSequence(
+            item
+            for item in ImageLibraryEntryDescriptors(members[0])
+            if item.ConceptNameCodeSequence[0].CodeValue not in _PER_IMAGE_DESCRIPTORS
+        )
+        group.ContentSequence.extend(
+            ImageContentItem(
+                name=_SOURCE,
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            )
+            for ds in members
+        )
+        library.ContentSequence.append(group)
+    return library
+
+
 def _observation_context(device: DeviceInfo) -> ObservationContext:
     """TID 1001 naming the daemon as the device observer."""
     return ObservationContext(
@@ -179,9 +240,11 @@ def _report_content(
             imaging_measurements=[_measurement_group(f) for f in findings],
             title=_IMAGING_MEASUREMENT_REPORT,
             language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(_LANGUAGE),
-            referenced_images=library_images or None,
         )
         root = report[0]
+        if library_images:  # before the Imaging Measurements container, as TID 1500 orders it
+            measurements_at = len(root.ContentSequence) - 1
+            root.ContentSequence.insert(measurements_at, _image_library(library_images))
     else:
         # highdicom's MeasurementReport insists on a measurement group; TID 1500 does not
         # (row 10, Qualitative Evaluations, may stand alone), so build the same root here.
@@ -197,7 +260,7 @@ def _report_content(
             )
         )
         if library_images:
-            root.ContentSequence.extend(ImageLibrary(library_images))
+            root.ContentSequence.append(_image_library(library_images))
     if texts:
         root.ContentSequence.append(_texts_container(texts))
     return root

@@ -180,6 +180,29 @@ def test_image_library_lists_the_sources_and_the_daemon_is_the_device_observer(s
     assert observer.observer_identifying_attributes.name == DEVICE.ae_title
 
 
+def test_image_library_states_what_a_series_shares_once_and_lists_each_slice_bare(study):
+    other_series = ct_series(2, study_uid=str(study[0].StudyInstanceUID))
+    ds = _build([*study, *other_series], [image_finding(study[0])])
+    (library,) = find_content_items(ds, name=codes.DCM.ImageLibrary, recursive=True)
+    groups = find_content_items(library, name=codes.DCM.ImageLibraryGroup)
+
+    def named(item: Dataset, code: object) -> list[Dataset]:
+        return find_content_items(item, name=code)
+
+    assert [len(find_content_items(g, value_type="IMAGE")) for g in groups] == [len(study), 2]
+    for group, series in zip(groups, (study, other_series), strict=True):
+        (frame,) = named(group, codes.DCM.FrameOfReferenceUID)
+        assert frame.UID == series[0].FrameOfReferenceUID
+        assert named(group, codes.DCM.Modality)[0].ConceptCodeSequence[0].CodeValue == "CT"
+        (thickness,) = named(group, codes.DCM.SliceThickness)
+        assert float(thickness.MeasuredValueSequence[0].NumericValue) == float(
+            series[0].SliceThickness
+        )
+        assert named(group, codes.DCM.ImagePositionPatientZ) == []  # differs per slice
+        for image in find_content_items(group, value_type="IMAGE"):
+            assert "ContentSequence" not in image  # entry descriptors: in the group
+
+
 def test_procedure_reported_comes_from_the_modality(study):
     ds = _build(study, [image_finding(study[0])])
     (procedure,) = find_content_items(ds, name=codes.DCM.ProcedureReported)
