@@ -1,4 +1,5 @@
-"""The `analyse` job: a study version's series from the spool through the models to results."""
+"""The `analyse` job: a study version's series from the spool through the models to results;
+and the `embed` job, which starts the CNNs early on what has arrived, for analyse to reuse."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ from daemon.metrics import Metrics
 from daemon.spool import Spool, check_uid
 
 if TYPE_CHECKING:
-    from models.infer import SeriesResult
+    from models.infer import FileOutputs, SeriesResult
+    from models.manifest import Manifest
     from models.ordering import SliceRef
     from models.registry import LoadedModel, Registry
 
@@ -205,12 +207,55 @@ def add_heatmaps(
             row["detail"] = {**row["detail"], "heatmap": str(path)}
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputsCache:
+    """Each CNN's outputs per series, kept in the spool, so no file goes through a CNN twice:
+    not after an early run, nor for the study's next version or a replay."""
+
+    spool: Spool
+    study_uid: str
+
+    def _path(self, series_uid: str, cnn: Manifest) -> Path:
+        name = f"{cnn.name}-{cnn.weights_sha256[:16]}.npz"
+        return self.spool.cache_path(self.study_uid, series_uid, name)
+
+    def load(self, series_uid: str, cnn: Manifest) -> dict[Path, FileOutputs]:
+        """What was kept (each entry is still checked against its file before use)."""
+        from models.infer import outputs_from_bytes
+
+        path = self._path(series_uid, cnn)
+        try:
+            return outputs_from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            log.warning("analysis cache ignored", extra=kv(path=str(path), error=str(exc)[:200]))
+            return {}
+
+    def keep(
+        self,
+        series_uid: str,
+        cnn: Manifest,
+        outputs: Mapping[Path, FileOutputs],
+        known: Mapping[Path, FileOutputs],
+    ) -> None:
+        """Keep `outputs` unless they hold nothing that `known` did not."""
+        from models.infer import outputs_to_bytes
+
+        if not outputs or all(known.get(path) is o for path, o in outputs.items()):
+            return
+        path = self._path(series_uid, cnn)
+        self.spool.make_dirs(path.parent)
+        self.spool.write_atomic(path, outputs_to_bytes(outputs))
+
+
 def analyse_one_series(
     series: SeriesFiles,
     registry: Registry,
     metrics: Metrics | None = None,
     shadow: frozenset[str] = frozenset(),
     heatmaps: HeatmapSink | None = None,
+    cache: OutputsCache | None = None,
 ) -> list[dict[str, Any]]:
     """Every applicable model on one series; a failure becomes a row naming the error."""
     from models.infer import infer_series
@@ -223,8 +268,9 @@ def analyse_one_series(
         return [_failure_row(series.series_uid, "(selection)", exc)]
     rows: list[dict[str, Any]] = []
     for choice in registry.select(info):
+        known = cache.load(series.series_uid, choice.cnn.manifest) if cache else {}
         try:
-            result = infer_series(series.paths, choice)
+            result = infer_series(series.paths, choice, known=known)
         except (PreprocessError, InvalidDicomError, ValueError) as exc:
             log.warning(
                 "series analysis failed",
@@ -232,6 +278,8 @@ def analyse_one_series(
             )
             rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice, shadow))
             continue
+        if cache is not None:
+            cache.keep(series.series_uid, choice.cnn.manifest, result.outputs, known)
         if metrics is not None:
             metrics.inference_seconds.labels(choice.cnn.name).observe(result.timing.total_s)
         log.info(
@@ -240,6 +288,7 @@ def analyse_one_series(
                 series=series.series_uid,
                 model=choice.cnn.name,
                 images=len(result.rows),
+                reused=sum(1 for path, o in result.outputs.items() if known.get(path) is o),
                 seconds=round(result.timing.total_s, 3),
             ),
         )
@@ -334,8 +383,9 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     heatmaps = HeatmapSink(ctx.spool, study.study_uid, version, ctx.settings.report.heatmap_top_k)
+    cache = OutputsCache(ctx.spool, study.study_uid)
     for s in series:
-        produced = analyse_one_series(s, registry, ctx.metrics, shadow, heatmaps=heatmaps)
+        produced = analyse_one_series(s, registry, ctx.metrics, shadow, heatmaps, cache)
         rows.extend(_requested(produced, names))
     with ctx.engine.begin() as conn:
         if rows:
@@ -373,6 +423,56 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
             version=version,
             series=len(series),
             results=len(rows),
+            seconds=round(time.monotonic() - started, 3),
+        ),
+    )
+
+
+def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -> int:
+    """Run each CNN that applies to the series so far over the files it has not seen; the
+    number of files run. What fails here is left for the analysis to record."""
+    from models.infer import embed_files
+    from models.preprocess import PreprocessError
+    from models.registry import SeriesInfo
+
+    try:
+        info = SeriesInfo.from_files(series.paths)
+    except (InvalidDicomError, OSError, ValueError):
+        return 0
+    ran = 0
+    cnns = {choice.cnn.name: choice.cnn for choice in registry.select(info)}
+    for cnn in cnns.values():
+        known = cache.load(series.series_uid, cnn.manifest)
+        try:
+            embedded = embed_files(series.paths, cnn, known=known)
+        except (PreprocessError, InvalidDicomError, ValueError, OSError) as exc:
+            log.info(
+                "early analysis stopped",
+                extra=kv(series=series.series_uid, model=cnn.name, error=str(exc)[:300]),
+            )
+            continue
+        cache.keep(series.series_uid, cnn.manifest, embedded.outputs, known)
+        ran += sum(1 for path, o in embedded.outputs.items() if known.get(path) is not o)
+    return ran
+
+
+def run_embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+    """Start the CNNs on a study still arriving; nothing to do once its version is closed."""
+    version = int(job.payload["study_version"])
+    with ctx.engine.connect() as conn:
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
+        series = study_series(conn, study.id, version) if study.version == version else []
+    started = time.monotonic()
+    cache = OutputsCache(ctx.spool, study.study_uid)
+    ran = sum(embed_series(s, ctx.registry, cache) for s in series)
+    with ctx.engine.begin() as conn:
+        queue.complete(conn, job.id, job.lease_owner)
+    log.info(
+        "early analysis done",
+        extra=kv(
+            study=study.study_uid,
+            version=version,
+            files=ran,
             seconds=round(time.monotonic() - started, 3),
         ),
     )

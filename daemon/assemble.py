@@ -1,18 +1,20 @@
-"""Decide when a study has finished arriving: quiet for N seconds, then one `analyse` job."""
+"""Decide when a study has finished arriving: quiet for N seconds, then one `analyse` job
+(and, after a shorter pause, an `embed` job that starts the CNNs on what has arrived)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import Connection, Engine, exists, select, update
+from sqlalchemy import Connection, Engine, exists, func, select, update
 
 from daemon.config import Settings
 from daemon.db import queue
-from daemon.db.keys import ANALYSE, analyse_key
+from daemon.db.keys import ANALYSE, EMBED, analyse_key, embed_key
 from daemon.db.schema import Instance, Study, utcnow
 from daemon.logsetup import kv
 
@@ -50,6 +52,43 @@ def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_atte
     log.info(
         "study queued for analysis",
         extra=kv(study=study_uid, version=study.version, job=job_id),
+    )
+    return True
+
+
+def queue_early(engine: Engine, study_uid: str, early_seconds: float, max_attempts: int) -> bool:
+    """Queue an `embed` job for the study's open version if it paused for `early_seconds`.
+
+    Only a cache is at stake: a study that moved on, or one already queued for analysis,
+    gets nothing, and the analysis does whatever the early run did not.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=early_seconds)
+    with engine.begin() as conn:
+        study = conn.execute(
+            select(Study.id, Study.version, Study.last_received_at).where(
+                Study.study_uid == study_uid
+            )
+        ).one_or_none()
+        if study is None or study.last_received_at > cutoff:
+            return False
+        arrived = conn.execute(
+            select(func.count()).where(
+                Instance.study_id == study.id, Instance.study_version == study.version
+            )
+        ).scalar_one()
+        if not arrived:
+            return False
+        queue.enqueue(
+            conn,
+            EMBED,
+            embed_key(study_uid, study.version, arrived),
+            max_attempts=max_attempts,
+            study_id=study.id,
+            payload={"study_uid": study_uid, "study_version": study.version},
+        )
+    log.info(
+        "study queued for early analysis",
+        extra=kv(study=study_uid, version=study.version, instances=arrived),
     )
     return True
 
@@ -107,6 +146,7 @@ class Assembler:
     def __init__(self, engine: Engine, settings: Settings, scheduler: BaseScheduler) -> None:
         self._engine = engine
         self._quiet = settings.assembly.quiet_seconds
+        self._early = settings.assembly.early_analysis_seconds
         self._max_attempts = settings.retry.max_attempts
         self._scheduler = scheduler
         scheduler.add_job(
@@ -120,14 +160,20 @@ class Assembler:
         )
 
     def arrived(self, study_uid: str) -> None:
-        """An instance of `study_uid` was committed: restart its quiet timer."""
-        run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self._quiet)
-        job_id = f"quiet:{study_uid}"
+        """An instance of `study_uid` was committed: restart its quiet (and early) timer."""
+        self._restart(f"quiet:{study_uid}", self._quiet, self._fire, study_uid)
+        if self._early is not None:
+            self._restart(f"early:{study_uid}", self._early, self._fire_early, study_uid)
+
+    def _restart(
+        self, job_id: str, seconds: float, fire: Callable[[str], None], study_uid: str
+    ) -> None:
+        run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
         try:
             self._scheduler.reschedule_job(job_id, trigger="date", run_date=run_at)
         except JobLookupError:
             self._scheduler.add_job(
-                self._fire,
+                fire,
                 "date",
                 run_date=run_at,
                 args=[study_uid],
@@ -138,6 +184,10 @@ class Assembler:
 
     def _fire(self, study_uid: str) -> None:
         close_version(self._engine, study_uid, self._quiet, self._max_attempts)
+
+    def _fire_early(self, study_uid: str) -> None:
+        if self._early is not None:
+            queue_early(self._engine, study_uid, self._early, self._max_attempts)
 
     def sweep(self) -> int:
         """Queue what a restart or a lost timer left behind; returns how many were queued."""

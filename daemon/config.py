@@ -10,7 +10,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -100,6 +108,22 @@ class StorageSettings(_Section):
 class AssemblySettings(_Section):
     quiet_seconds: float = Field(default=30.0, ge=0)
     sweep_seconds: float = Field(default=60.0, gt=0)
+    # After this much quiet (less than quiet_seconds; 0 = never) the CNNs start on what has
+    # arrived, so that once the study is quiet only the rest and the LSTMs remain.
+    early_seconds: float = Field(default=0.5, ge=0)
+
+    @field_validator("early_seconds")
+    @classmethod
+    def _early_before_quiet(cls, value: float, info: ValidationInfo) -> float:
+        quiet = info.data.get("quiet_seconds")
+        if value > 0 and quiet is not None and value >= quiet:
+            raise ValueError("must be less than quiet_seconds (0 turns early analysis off)")
+        return value
+
+    @property
+    def early_analysis_seconds(self) -> float | None:
+        """The early window in force: None when off, or when the quiet window is shorter."""
+        return self.early_seconds if 0 < self.early_seconds < self.quiet_seconds else None
 
 
 class WorkerSettings(_Section):

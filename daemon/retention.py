@@ -145,6 +145,7 @@ def purge_study(
             continue
         spool.remove(path)
         removed.append(instance_id)
+    spool.drop_cache(study_uid)  # what analysis kept is derived from the files just removed
     if not removed:
         return 0
     with engine.begin() as conn:

@@ -12,6 +12,7 @@ Layout::
     <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.<sha16>.dcm an older version, set aside
     <root>/reports/<StudyUID>/<SOPInstanceUID>.dcm             SRs written by the report stage
     <root>/quarantine/<stamp>-<reason>-<n>.dcm (+ .txt)        input we refused, with why
+    <root>/cache/<StudyUID>/<SeriesUID>/<name>                 what analysis may reuse
     <root>/.tmp/                                               temporary files
 """
 
@@ -21,6 +22,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from pathlib import Path
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = "quarantine"
 REPORTS_DIR = "reports"
+CACHE_DIR = "cache"
 ASIDE_DIGITS = 16
 STALE_TEMP_SECONDS = 3600.0
 
@@ -86,6 +89,7 @@ class Spool:
         self.tmp_dir = self.root / TMP_DIR
         self.quarantine_dir = self.root / QUARANTINE_DIR
         self.reports_dir = self.root / REPORTS_DIR
+        self.cache_dir = self.root / CACHE_DIR
         self._free_bytes = free_bytes
 
     def prepare(self, stale_seconds: float = STALE_TEMP_SECONDS) -> None:
@@ -123,6 +127,16 @@ class Spool:
     def report_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where the report stage writes an SR (or heatmap) it created."""
         return self.reports_dir / check_uid(study_uid) / f"{check_uid(sop_instance_uid)}.dcm"
+
+    def cache_path(self, study_uid: str, series_uid: str, name: str) -> Path:
+        """Where analysis keeps what it may reuse for a series (outputs per model)."""
+        return self.root / CACHE_DIR / check_uid(study_uid) / check_uid(series_uid) / name
+
+    def drop_cache(self, study_uid: str) -> None:
+        """Forget what analysis kept for a study: it can all be computed again."""
+        folder = self.root / CACHE_DIR / check_uid(study_uid)
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
     # Writing --------------------------------------------------------------------------
 

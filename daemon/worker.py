@@ -39,7 +39,7 @@ Handler = Callable[[WorkerContext, queue.ClaimedJob], None]
 
 def load_handlers() -> dict[str, Handler]:
     """The job kinds and their handlers; imported late so the parent never loads TensorFlow."""
-    from daemon.analyse import run_analyse
+    from daemon.analyse import run_analyse, run_embed
     from daemon.dispatch.job import run_dispatch
     from daemon.dispatch.verify import run_verify
     from daemon.report.job import run_report
@@ -51,6 +51,7 @@ def load_handlers() -> dict[str, Handler]:
         run_verify(ctx.engine, job, ctx.settings)
 
     return {
+        "embed": run_embed,
         "analyse": run_analyse,
         "report": run_report,
         "dispatch": dispatch,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import time
+import zipfile
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ import tensorflow as tf
 from models.manifest import Manifest
 from models.ordering import FileGeometry, OrderReport, SliceRef, arrange, geometry_of
 from models.preprocess import decode_dataset, read_dataset
-from models.registry import Choice, Registry, SeriesInfo
+from models.registry import Choice, LoadedModel, Registry, SeriesInfo
 
 DEFAULT_BATCH = 32
 FIRST_BATCH = 8
@@ -55,6 +58,71 @@ class SeriesResult:
     series: tuple[SeriesProbabilities, ...]
     ordering: OrderReport
     timing: Timing
+    outputs: Mapping[Path, FileOutputs]  # per file, for a caller that keeps them for next time
+
+
+@dataclass(frozen=True)
+class FileOutputs:
+    """A CNN's outputs for every frame of one file, and which bytes of the file they are for."""
+
+    stamp: str
+    probabilities: np.ndarray  # (frames, classes), float32
+    embeddings: np.ndarray  # (frames, embedding_width), float32
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A CNN run over some files: each file's geometry (in the order given) and outputs."""
+
+    files: tuple[FileGeometry, ...]
+    outputs: dict[Path, FileOutputs]
+    decode_s: float
+    wait_s: float
+    forward_s: float
+
+
+def file_stamp(path: Path) -> str:
+    """Size, modification time and inode: a replaced file (written anew, renamed into place)
+    never keeps all three, so outputs made for its old bytes are never reused."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def outputs_to_bytes(outputs: Mapping[Path, FileOutputs]) -> bytes:
+    """Outputs as one .npz (no pickles), to keep beside a series for the next run."""
+    items = list(outputs.items())
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        paths=np.array([str(path) for path, _ in items], dtype=str),
+        stamps=np.array([o.stamp for _, o in items], dtype=str),
+        counts=np.array([len(o.probabilities) for _, o in items], dtype=np.int64),
+        probabilities=_stacked([o.probabilities for _, o in items]),
+        embeddings=_stacked([o.embeddings for _, o in items]),
+    )
+    return buffer.getvalue()
+
+
+def _stacked(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def outputs_from_bytes(data: bytes) -> dict[Path, FileOutputs]:
+    """What `outputs_to_bytes` kept; ValueError if it is not such a file."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            paths, stamps, counts = npz["paths"], npz["stamps"], npz["counts"]
+            probabilities, embeddings = npz["probabilities"], npz["embeddings"]
+    except (OSError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f"not a file of CNN outputs: {error}") from error
+    if not len(paths) == len(stamps) == len(counts) or counts.sum() != len(probabilities):
+        raise ValueError("a file of CNN outputs whose parts disagree")
+    ends = np.cumsum(counts)
+    return {
+        Path(str(path)): FileOutputs(str(stamp), probabilities[end - n:end],
+                                     embeddings[end - n:end])
+        for path, stamp, n, end in zip(paths, stamps, counts, ends, strict=True)
+    }
 
 
 def _prefetch(
@@ -77,22 +145,33 @@ def _prefetch(
 
 @dataclass(frozen=True)
 class _Decoded:
-    """One file read on a reader thread: its geometry, its frames and the seconds it took."""
+    """One file read on a reader thread: its geometry, its frames (none when its outputs are
+    already known) and the seconds it took."""
 
+    path: Path
     geometry: FileGeometry
     frames: list[np.ndarray]
+    stamp: str
     seconds: float
 
 
-def _decoder(manifest: Manifest) -> Callable[[Path], _Decoded]:
-    """The per-file work of a reader thread: read once, keep geometry, decode and shrink."""
+def _decoder(
+    manifest: Manifest, known: Mapping[Path, FileOutputs]
+) -> Callable[[Path], _Decoded]:
+    """The per-file work of a reader thread: read once, keep geometry, decode and shrink;
+    a file whose outputs are known and current is read only up to its pixel data."""
     window, target = manifest.preprocessing.window, manifest.input_shape
 
     def decode(path: Path) -> _Decoded:
         start = time.perf_counter()
+        stamp = file_stamp(path)
+        earlier = known.get(path)
+        if earlier is not None and earlier.stamp == stamp:
+            ds = read_dataset(path, pixels=False)
+            return _Decoded(path, geometry_of(path, ds), [], stamp, time.perf_counter() - start)
         ds = read_dataset(path)
         frames = decode_dataset(path, ds, window, target)
-        return _Decoded(geometry_of(path, ds), frames, time.perf_counter() - start)
+        return _Decoded(path, geometry_of(path, ds), frames, stamp, time.perf_counter() - start)
 
     return decode
 
@@ -115,7 +194,7 @@ class _Intake:
     """Frames in file arrival order, keeping each file's geometry and the reader's timings."""
 
     def __init__(self) -> None:
-        self.files: list[FileGeometry] = []
+        self.files: list[_Decoded] = []
         self.decode_s = 0.0
         self.wait_s = 0.0
 
@@ -128,47 +207,85 @@ class _Intake:
             if item is None:
                 return
             self.decode_s += item.seconds
-            self.files.append(item.geometry)
+            self.files.append(dataclasses.replace(item, frames=[]))  # frames go on, not kept
             yield from item.frames
 
 
-def _slice_order(files: list[FileGeometry], ordered: tuple[SliceRef, ...]) -> np.ndarray:
-    """Indices that take rows from arrival order into slice order."""
-    arrival = {(ref.path, ref.frame): index
-               for index, ref in enumerate(ref for f in files for ref in f.refs)}
-    return np.asarray([arrival[(ref.path, ref.frame)] for ref in ordered], dtype=np.int64)
-
-
-def infer_series(
-    paths: Sequence[Path], choice: Choice, *, batch_size: int = DEFAULT_BATCH, workers: int = 2
-) -> SeriesResult:
-    """Run a CNN over every image of a series, then each of its LSTMs in slice order.
+def embed_files(
+    paths: Sequence[Path],
+    cnn: LoadedModel,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    workers: int = 2,
+    known: Mapping[Path, FileOutputs] | None = None,
+) -> Embedded:
+    """Run a CNN over every image of these files, reusing `known` outputs that are current.
 
     Reader threads read, decode and window the next files while the traced forward pass runs
-    on the current batch (resizing happens batched inside the graph). Each file is read once;
-    its geometry orders the rows afterwards, as the CNN sees every image on its own.
+    on the current batch (resizing happens batched inside the graph). Each file is read once.
     """
-    start = time.perf_counter()
+    known = known or {}
     intake = _Intake()
     probabilities: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     forward_s = 0.0
     files = list(dict.fromkeys(Path(path) for path in paths))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dicom-reader") as pool:
-        decoded = _prefetch(pool, _decoder(choice.cnn.manifest), files,
+        decoded = _prefetch(pool, _decoder(cnn.manifest, known), files,
                             depth=max(2 * batch_size, workers))
         for batch in _batches(intake.frames(decoded), batch_size):
             tick = time.perf_counter()
-            batch_probabilities, batch_embedding = choice.cnn.forward(tf.constant(batch))
+            batch_probabilities, batch_embedding = cnn.forward(tf.constant(batch))
             probabilities.append(batch_probabilities.numpy())
             embeddings.append(batch_embedding.numpy())
             forward_s += time.perf_counter() - tick
-    ordered = arrange(intake.files, uniform_size=bool(choice.lstms))
-    order = _slice_order(intake.files, ordered.slices)
+    width, classes = cnn.manifest.embedding_width, len(cnn.manifest.classes)
+    new_probabilities = np.concatenate(probabilities or [np.zeros((0, classes), np.float32)])
+    new_embeddings = np.concatenate(embeddings or [np.zeros((0, width), np.float32)])
+    outputs: dict[Path, FileOutputs] = {}
+    at = 0
+    for item in intake.files:
+        earlier = known.get(item.path)
+        if earlier is not None and earlier.stamp == item.stamp:
+            outputs[item.path] = earlier
+            continue
+        count = len(item.geometry.refs)
+        outputs[item.path] = FileOutputs(
+            item.stamp, new_probabilities[at:at + count], new_embeddings[at:at + count]
+        )
+        at += count
+    return Embedded(tuple(item.geometry for item in intake.files), outputs, intake.decode_s,
+                    intake.wait_s, forward_s)
+
+
+def _rows(outputs: Mapping[Path, FileOutputs], ordered: tuple[SliceRef, ...],
+          field: str) -> np.ndarray:
+    """One output per row, in slice order (a frame's row is its 1-based frame number)."""
+    return np.stack([getattr(outputs[ref.path], field)[(ref.frame or 1) - 1] for ref in ordered])
+
+
+def infer_series(
+    paths: Sequence[Path],
+    choice: Choice,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    workers: int = 2,
+    known: Mapping[Path, FileOutputs] | None = None,
+) -> SeriesResult:
+    """Run a CNN over every image of a series (see `embed_files`), then each of its LSTMs in
+    slice order; the geometry read with the pixels orders the rows afterwards, as the CNN
+    sees every image on its own."""
+    start = time.perf_counter()
+    embedded = embed_files(paths, choice.cnn, batch_size=batch_size, workers=workers,
+                           known=known)
+    ordered = arrange(list(embedded.files), uniform_size=bool(choice.lstms))
     width, classes = choice.cnn.manifest.embedding_width, len(choice.cnn.manifest.classes)
-    image_probabilities = np.concatenate(probabilities or [np.zeros((0, classes), np.float32)])
-    embedding = np.concatenate(embeddings or [np.zeros((0, width), np.float32)])
-    image_probabilities, embedding = image_probabilities[order], embedding[order]
+    if ordered.slices:
+        image_probabilities = _rows(embedded.outputs, ordered.slices, "probabilities")
+        embedding = _rows(embedded.outputs, ordered.slices, "embeddings")
+    else:
+        image_probabilities = np.zeros((0, classes), np.float32)
+        embedding = np.zeros((0, width), np.float32)
     tick = time.perf_counter()
     series = tuple(
         SeriesProbabilities(
@@ -178,11 +295,11 @@ def infer_series(
         if embedding.shape[0] > 0
     )
     lstm_s = time.perf_counter() - tick
-    timing = Timing(time.perf_counter() - start, intake.decode_s, intake.wait_s, forward_s,
-                    lstm_s)
+    timing = Timing(time.perf_counter() - start, embedded.decode_s, embedded.wait_s,
+                    embedded.forward_s, lstm_s)
     return SeriesResult(
         choice.cnn.manifest, ordered.slices, image_probabilities, embedding, series,
-        ordered.report, timing,
+        ordered.report, timing, embedded.outputs,
     )
 
 

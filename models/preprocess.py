@@ -154,10 +154,11 @@ def _native_grey(ds: Dataset) -> np.ndarray | None:
     return raw if signed or stored == 16 else raw & np.uint16((1 << stored) - 1)
 
 
-def read_dataset(path: Path) -> Dataset:
-    """The whole dataset, or a `PreprocessError` naming the file."""
+def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
+    """The whole dataset (or, without `pixels`, all before the pixel data), or a
+    `PreprocessError` naming the file."""
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, EOFError) as error:
         raise PreprocessError(path, f"not a readable DICOM file ({error})") from error
 

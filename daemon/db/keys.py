@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+EMBED = "embed"
 ANALYSE = "analyse"
 REPORT = "report"
 DISPATCH = "dispatch"
 VERIFY = "verify"
+
+
+def embed_key(study_uid: str, version: int, instances: int) -> str:
+    """An early CNN run covers what had arrived: once per count of instances."""
+    return f"{EMBED}:{study_uid}:v{version}:n{instances}"
 
 
 def analyse_key(study_uid: str, version: int) -> str:
