@@ -8,6 +8,7 @@ import random
 import select
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -342,13 +343,32 @@ def oldest_queued_age(conn: Connection) -> float | None:
     return max(0.0, (now - oldest).total_seconds())
 
 
+# How often a waiter on SQLite looks whether anything committed (a stat, no query).
+COMMIT_CHECK_SECONDS = 0.01
+
+
+def _wal_stamp(wal: Path) -> tuple[int, int] | None:
+    """What changes whenever a connection commits to a database in WAL mode."""
+    try:
+        st = wal.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class JobWaiter:
-    """Sleeps until a job may be due: PostgreSQL NOTIFY wakes it at once, SQLite polls briefly."""
+    """Sleeps until a job may be due: PostgreSQL NOTIFY wakes it at once; on SQLite a commit
+    by any process (its write-ahead log changing) wakes it, and it polls at most briefly."""
 
     def __init__(self, engine: Engine, poll_seconds: float) -> None:
         self._poll = poll_seconds
         self._conn: psycopg.Connection[Any] | None = None
-        if not is_sqlite(engine):
+        self._wal: Path | None = None
+        if is_sqlite(engine):
+            database = engine.url.database
+            if database and database != ":memory:":
+                self._wal = Path(f"{database}-wal")
+        else:
             url = engine.url.set(drivername="postgresql")
             dsn = url.render_as_string(hide_password=False)
             self._conn = psycopg.connect(dsn, autocommit=True)
@@ -357,12 +377,23 @@ class JobWaiter:
     def wait(self, timeout: float) -> None:
         """Return when woken or after `timeout` seconds (SQLite: at most `poll_seconds`)."""
         if self._conn is None:
-            time.sleep(min(timeout, self._poll))
+            self._wait_for_commit(min(timeout, self._poll))
             return
         ready, _, _ = select.select([self._conn.fileno()], [], [], timeout)
         if ready:
             for _ in self._conn.notifies(timeout=0):
                 pass
+
+    def _wait_for_commit(self, seconds: float) -> None:
+        if self._wal is None:
+            time.sleep(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        before = _wal_stamp(self._wal)
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(COMMIT_CHECK_SECONDS, left))
+            if _wal_stamp(self._wal) != before:
+                return
 
     def close(self) -> None:
         if self._conn is not None:

@@ -377,3 +377,20 @@ def test_leases_of_dead_processes_on_this_host_end_at_restart(engine: Engine) ->
     assert job_row(engine, dead_job).lease_owner is None
     assert job_row(engine, live_job).state == "running"
     assert job_row(engine, other_host_job).state == "running"
+
+
+def test_a_waiting_worker_is_woken_by_a_new_job_long_before_its_poll_interval(
+    engine: Engine,
+) -> None:
+    import threading
+
+    waiter = queue.JobWaiter(engine, poll_seconds=60)
+    try:
+        waiter.wait(timeout=0.05)  # settle: the fixture's own commits are behind us
+        threading.Timer(0.3, add, args=(engine, "wake-me")).start()
+        start = time.monotonic()
+        waiter.wait(timeout=60)
+        assert time.monotonic() - start < 30, "slept through the commit until the poll"
+    finally:
+        waiter.close()
+    assert claim(engine, "w1") is not None

@@ -7,7 +7,13 @@ import pydicom
 import pytest
 
 from models.demo import DemoResult, write_series
-from models.infer import analyse_series, infer_series
+from models.infer import (
+    analyse_series,
+    embed_files,
+    infer_series,
+    outputs_from_bytes,
+    outputs_to_bytes,
+)
 from models.registry import Choice, Registry, SeriesInfo
 
 
@@ -113,3 +119,71 @@ def test_multiframe_rows_carry_their_frame_numbers(registry: Registry) -> None:
         (pydicom.dcmread(path).SOPInstanceUID, 2),
     ]
     assert result.series == ()
+
+
+def _same(a, b) -> None:
+    assert a.rows == b.rows
+    np.testing.assert_array_equal(a.image_probabilities, b.image_probabilities)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.series[0].probabilities, b.series[0].probabilities)
+
+
+def test_outputs_kept_from_an_earlier_run_give_the_same_result_without_the_cnn(
+    registry: Registry, series: list[Path]
+) -> None:
+    (choice,) = registry.select(SeriesInfo.from_files(series))
+    first = infer_series(series, choice)
+    kept = outputs_from_bytes(outputs_to_bytes(first.outputs))
+    again = infer_series(series, choice, known=kept)
+    _same(first, again)
+    assert again.timing.forward_s == 0.0
+    assert all(again.outputs[path] is kept[path] for path in series)
+
+
+def test_an_early_run_over_the_first_files_is_completed_by_the_analysis(
+    registry: Registry, series: list[Path]
+) -> None:
+    (choice,) = registry.select(SeriesInfo.from_files(series))
+    early = embed_files(series[:3], choice.cnn)
+    assert early.files and set(early.outputs) == set(series[:3])
+    completed = infer_series(series, choice, known=early.outputs)
+    whole = infer_series(series, choice)
+    assert completed.rows == whole.rows
+    np.testing.assert_allclose(completed.image_probabilities, whole.image_probabilities,
+                               atol=1e-5)
+    np.testing.assert_allclose(completed.series[0].probabilities,
+                               whole.series[0].probabilities, atol=1e-5)
+    assert all(completed.outputs[path] is early.outputs[path] for path in series[:3])
+
+
+def test_a_file_rewritten_since_its_outputs_were_kept_is_run_again(
+    registry: Registry, series: list[Path]
+) -> None:
+    (choice,) = registry.select(SeriesInfo.from_files(series))
+    kept = infer_series(series, choice).outputs
+    changed = series[0]
+    ds = pydicom.dcmread(changed)
+    ds.pixel_array[:] = 0
+    ds.PixelData = ds.pixel_array.tobytes()
+    ds.SeriesDescription = "rewritten"  # a different length, whatever the clock says
+    ds.save_as(changed)
+    again = infer_series(series, choice, known=kept)
+    assert again.outputs[changed] is not kept[changed]
+    assert again.timing.forward_s > 0.0
+    assert all(again.outputs[path] is kept[path] for path in series[1:])
+
+
+def test_kept_outputs_of_a_multiframe_file_keep_their_frames(registry: Registry) -> None:
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("SC_rgb_rle_2frame.dcm", download=False))
+    first = infer_series([path], Choice(registry.cnns[0]))
+    again = infer_series([path], Choice(registry.cnns[0]),
+                         known=outputs_from_bytes(outputs_to_bytes(first.outputs)))
+    assert again.rows == first.rows and again.timing.forward_s == 0.0
+    np.testing.assert_array_equal(again.image_probabilities, first.image_probabilities)
+
+
+def test_a_file_that_is_not_kept_outputs_is_refused_with_a_value_error() -> None:
+    with pytest.raises(ValueError, match="not a file of CNN outputs"):
+        outputs_from_bytes(b"PK\x03\x04 not really a zip")
