@@ -175,6 +175,7 @@ def test_worker_killed_during_analysis_is_restarted_and_the_study_reported_once(
     files = _series(tmp_path, slices=40, seed=22)
     study_uid = _study_uid(files)
     config = _config(tmp_path, demo_models, database_url)
+    config["assembly"]["early_seconds"] = 0  # the CNN runs inside the analysis the kill hits
     with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
         config["destinations"] = [_orthanc_destination(pacs)]
         daemon = make_daemon(config).start()

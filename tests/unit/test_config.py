@@ -305,3 +305,25 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         settings.dicom.port = 104  # type: ignore[misc]
     assert isinstance(settings, Settings)
+
+
+def test_early_analysis_longer_than_the_quiet_window_is_refused(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "[assembly]\nquiet_seconds = 10\nearly_seconds = 10\n")
+    assert message == (
+        "assembly.early_seconds: must be less than quiet_seconds (0 turns early analysis off)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "in_force"),
+    [
+        ("quiet_seconds = 10\nearly_seconds = 2\n", 2.0),
+        ("quiet_seconds = 10\nearly_seconds = 0\n", None),
+        ("quiet_seconds = 0.2\n", None),  # the default 0.5 s outlasts a short quiet window
+    ],
+)
+def test_early_analysis_is_in_force_only_inside_the_quiet_window(
+    tmp_path: Path, table: str, in_force: float | None
+) -> None:
+    settings = load_settings(write(tmp_path, f"[assembly]\n{table}"), {})
+    assert settings.assembly.early_analysis_seconds == in_force

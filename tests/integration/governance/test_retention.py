@@ -52,6 +52,9 @@ class Reported:
         self.report_id = rows.add_report(
             engine, self.study_id, 1, "1.2.826.0.1.3680043.9.1", self.sr_path
         )
+        self.cached = spool.cache_path(self.study_uid, series_uid, "cnn-outputs.npz")
+        spool.make_dirs(self.cached.parent)
+        spool.write_atomic(self.cached, b"outputs")
 
 
 def _deleted(engine: Engine, study_id: int) -> list[dt.datetime | None]:
@@ -67,7 +70,7 @@ def test_files_stay_before_the_retention_time(engine: Engine, spool: Spool) -> N
     rows.add_dispatch(engine, study.report_id, "pacs", "sent", at=sent)
     rows.add_dispatch(engine, study.report_id, "archive", "confirmed", at=sent)
     assert purge_due(engine, spool, _settings(spool)) == []
-    assert all(p.is_file() for p in study.files)
+    assert all(p.is_file() for p in study.files) and study.cached.is_file()
     assert _deleted(engine, study.study_id) == [None, None, None]
 
 
@@ -79,6 +82,7 @@ def test_files_go_after_the_retention_time_and_the_rows_stay(engine: Engine, spo
     [purged] = purge_due(engine, spool, _settings(spool))
     assert (purged.study_uid, purged.files) == (study.study_uid, 3)
     assert not any(p.exists() for p in study.files)  # the set-aside older version too
+    assert not study.cached.exists()  # outputs derived from those files go with them
     assert study.sr_path.is_file()  # the SR is not an instance: it stays
     deleted = _deleted(engine, study.study_id)
     assert len(deleted) == 3 and all(d is not None for d in deleted)

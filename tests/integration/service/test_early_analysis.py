@@ -1,0 +1,67 @@
+"""Early analysis: while a study is still in its quiet window the CNNs start on what arrived,
+and the analysis that follows runs no file through a CNN again."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+from models.phantom import write_series
+from tests.daemon_proc import Daemon, storescu, wait_for
+from tests.interop.conftest import daemon_config
+from tests.peers import require_dcmtk
+
+SLICES = 12
+
+
+def _send_and_wait_analysed(
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon], **assembly: float
+) -> tuple[Daemon, list[Path]]:
+    require_dcmtk()
+    files = write_series(tmp_path / "series", slices=SLICES, rows=64, cols=64, lesion=True,
+                         seed=31)
+    config = daemon_config(tmp_path, demo_models,
+                           assembly={"quiet_seconds": 3, "sweep_seconds": 60, **assembly})
+    daemon = make_daemon(config).start()
+    assert storescu(daemon.port, files).returncode == 0
+    wait_for(lambda: "study analysed" in daemon.log(), 120, "the study analysed")
+    return daemon, files
+
+
+def _field(line: str, name: str) -> str:
+    match = re.search(rf"\b{name}=(\S+)", line)
+    assert match, (name, line)
+    return match.group(1)
+
+
+def test_cnns_start_in_the_quiet_window_and_the_analysis_reuses_every_file(
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, files = _send_and_wait_analysed(tmp_path, demo_models, make_daemon,
+                                            early_seconds=0.5)
+    log = daemon.log().splitlines()
+    early = [line for line in log if "early analysis done" in line]
+    analysed = [line for line in log if "series analysed" in line]
+    assert [_field(line, "files") for line in early] == [str(SLICES)]
+    assert [(_field(line, "images"), _field(line, "reused")) for line in analysed] == [
+        (str(SLICES), str(SLICES))
+    ]
+    assert log.index(early[0]) < log.index(analysed[0])
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    kept = Path(daemon.config["storage"]["spool_dir"]) / "cache" / ds.StudyInstanceUID
+    assert [p.name.split("-")[:2] for p in (kept / ds.SeriesInstanceUID).iterdir()] == [
+        ["demo", "cnn"]
+    ]
+
+
+def test_with_early_seconds_zero_the_analysis_runs_the_cnns_itself(
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, _ = _send_and_wait_analysed(tmp_path, demo_models, make_daemon, early_seconds=0)
+    log = daemon.log()
+    assert "early analysis" not in log
+    (line,) = [line for line in log.splitlines() if "series analysed" in line]
+    assert (_field(line, "images"), _field(line, "reused")) == (str(SLICES), "0")
