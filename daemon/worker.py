@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -157,7 +158,7 @@ def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -
 def make_context(settings: Settings, name: str) -> WorkerContext:
     """A worker's database, spool and models, loaded once."""
     engine = make_engine(settings.storage.effective_database_url, pool_size=2)
-    return WorkerContext(
+    ctx = WorkerContext(
         settings=settings,
         engine=engine,
         spool=Spool(settings.storage.spool_dir),
@@ -166,6 +167,10 @@ def make_context(settings: Settings, name: str) -> WorkerContext:
         policy=queue.RetryPolicy.from_settings(settings.retry),
         metrics=Metrics(),
     )
+    # TensorFlow's hundreds of thousands of objects live as long as the worker: keep the
+    # cycle collector off them, or every full collection during an SR build walks them all.
+    gc.freeze()
+    return ctx
 
 
 def work_loop(ctx: WorkerContext, handlers: dict[str, Handler], stopping: threading.Event) -> None:

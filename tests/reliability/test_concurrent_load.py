@@ -38,7 +38,9 @@ def test_eight_concurrent_senders_store_every_instance_once_without_lock_errors(
     }
     assert len(sops) == SENDERS * PER_SENDER
     busy = write_series(tmp_path / "busy", slices=120, rows=48, cols=48, seed=49)
-    config = daemon_config(tmp_path, demo_models, database_url=database_url)
+    # The busy study's CNN runs inside its analysis (not early), so the load meets it there.
+    config = daemon_config(tmp_path, demo_models, database_url=database_url,
+                           assembly={"early_seconds": 0})
     daemon = make_daemon(config).start()
     engine = h.daemon_database(daemon)
     try:
@@ -67,7 +69,12 @@ def test_eight_concurrent_senders_store_every_instance_once_without_lock_errors(
         assert len(h.instance_rows(engine)) == SENDERS * PER_SENDER + len(busy)
         h.assert_spool_holds_only_committed_instances(tmp_path / "spool", engine)
 
-        wait_for(lambda: h.all_jobs_finished(engine), 300, "every study analysed", 1.0)
+        wait_for(
+            lambda: h.open_instances(engine) == 0 and h.all_jobs_finished(engine),
+            300,
+            "every study queued and analysed",
+            1.0,
+        )
         analysed = h.jobs(engine, "analyse")
         assert {j.state for j in analysed} == {"done"}
         assert analysed[0].finished_at > min(r.received_at for r in rows), (

@@ -151,7 +151,12 @@ def _fake_analysis(calls: list[Any]) -> Callable[..., list[dict[str, Any]]]:
     """Every model the (restricted) registry holds scores the series; records what it got."""
 
     def run(
-        series: Any, registry: Any, metrics: Any, shadow: frozenset[str], heatmaps: Any = None
+        series: Any,
+        registry: Any,
+        metrics: Any,
+        shadow: frozenset[str],
+        heatmaps: Any = None,
+        cache: Any = None,
     ) -> list[dict]:
         calls.append((registry, shadow))
         out = []
