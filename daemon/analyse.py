@@ -7,7 +7,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,8 +216,8 @@ class OutputsCache:
     study_uid: str
 
     def _path(self, series_uid: str, cnn: Manifest) -> Path:
-        name = f"{cnn.name}-{cnn.weights_sha256[:16]}.npz"
-        return self.spool.cache_path(self.study_uid, series_uid, name)
+        name = f"{check_uid(series_uid)}.{cnn.name}-{cnn.weights_sha256[:16]}.npz"
+        return self.spool.cache_path(self.study_uid, name)
 
     def load(self, series_uid: str, cnn: Manifest) -> dict[Path, FileOutputs]:
         """What was kept (each entry is still checked against its file before use)."""
@@ -256,8 +256,11 @@ def analyse_one_series(
     shadow: frozenset[str] = frozenset(),
     heatmaps: HeatmapSink | None = None,
     cache: OutputsCache | None = None,
+    *,
+    early: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every applicable model on one series; a failure becomes a row naming the error."""
+    """Every applicable model on one series; a failure becomes a row naming the error.
+    `early`: a run ahead of the analysis proper, logged as such."""
     from models.infer import infer_series
     from models.preprocess import PreprocessError
     from models.registry import SeriesInfo
@@ -283,7 +286,7 @@ def analyse_one_series(
         if metrics is not None:
             metrics.inference_seconds.labels(choice.cnn.name).observe(result.timing.total_s)
         log.info(
-            "series analysed",
+            "series analysed early" if early else "series analysed",
             extra=kv(
                 series=series.series_uid,
                 model=choice.cnn.name,
@@ -428,9 +431,9 @@ def run_analyse(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     )
 
 
-def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -> int:
-    """Run each CNN that applies to the series so far over the files it has not seen; the
-    number of files run. What fails here is left for the analysis to record."""
+def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -> None:
+    """Run each CNN that applies to the series so far over the files it has not seen. What
+    fails here is left for the analysis to record."""
     from models.infer import embed_files
     from models.preprocess import PreprocessError
     from models.registry import SeriesInfo
@@ -438,8 +441,7 @@ def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -
     try:
         info = SeriesInfo.from_files(series.paths)
     except (InvalidDicomError, OSError, ValueError):
-        return 0
-    ran = 0
+        return
     cnns = {choice.cnn.name: choice.cnn for choice in registry.select(info)}
     for cnn in cnns.values():
         known = cache.load(series.series_uid, cnn.manifest)
@@ -452,19 +454,46 @@ def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -
             )
             continue
         cache.keep(series.series_uid, cnn.manifest, embedded.outputs, known)
-        ran += sum(1 for path, o in embedded.outputs.items() if known.get(path) is not o)
-    return ran
 
 
-def run_embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
-    """Start the CNNs on a study still arriving; nothing to do once its version is closed."""
+# Builds the SR an early run's rows foretell (the report stage's `prebuild_report`).
+Prebuild = Callable[[Any, int, list[dict[str, Any]]], bool]
+
+
+def _explains(ctx: WorkerContext) -> bool:
+    """Whether analyses make heatmaps, which an early run does not (so it cannot foresee
+    the SR that references them)."""
+    return ctx.settings.report.heatmap_top_k > 0 and any(
+        m.manifest.heatmaps for m in ctx.registry.cnns
+    )
+
+
+def run_embed(ctx: WorkerContext, job: queue.ClaimedJob, prebuild: Prebuild | None = None) -> None:
+    """Start the CNNs on a study still arriving; nothing to do once its version is closed.
+
+    With `prebuild`, the early run goes all the way: every model, the rows the analysis
+    would write, and the SR they make, kept for the report job while nothing changes.
+    """
     version = int(job.payload["study_version"])
     with ctx.engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
         series = study_series(conn, study.id, version) if study.version == version else []
     started = time.monotonic()
     cache = OutputsCache(ctx.spool, study.study_uid)
-    ran = sum(embed_series(s, ctx.registry, cache) for s in series)
+    built = False
+    if series and prebuild is not None and not _explains(ctx):
+        shadow = frozenset(ctx.settings.models.shadow)
+        rows = [
+            {**_ROW_DEFAULTS, **row}
+            for s in series
+            for row in analyse_one_series(s, ctx.registry, None, shadow, None, cache, early=True)
+        ]
+        with ctx.engine.connect() as conn:
+            unchanged = study_series(conn, study.id, version) == series
+        built = unchanged and prebuild(study, version, rows)
+    else:
+        for s in series:
+            embed_series(s, ctx.registry, cache)
     with ctx.engine.begin() as conn:
         queue.complete(conn, job.id, job.lease_owner)
     log.info(
@@ -472,7 +501,8 @@ def run_embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         extra=kv(
             study=study.study_uid,
             version=version,
-            files=ran,
+            series=len(series),
+            report=built,
             seconds=round(time.monotonic() - started, 3),
         ),
     )

@@ -12,7 +12,7 @@ Layout::
     <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.<sha16>.dcm an older version, set aside
     <root>/reports/<StudyUID>/<SOPInstanceUID>.dcm             SRs written by the report stage
     <root>/quarantine/<stamp>-<reason>-<n>.dcm (+ .txt)        input we refused, with why
-    <root>/cache/<StudyUID>/<SeriesUID>/<name>                 what analysis may reuse
+    <root>/cache/<StudyUID>/<name>                             what analysis may reuse
     <root>/.tmp/                                               temporary files
 """
 
@@ -128,9 +128,11 @@ class Spool:
         """Where the report stage writes an SR (or heatmap) it created."""
         return self.reports_dir / check_uid(study_uid) / f"{check_uid(sop_instance_uid)}.dcm"
 
-    def cache_path(self, study_uid: str, series_uid: str, name: str) -> Path:
-        """Where analysis keeps what it may reuse for a series (outputs per model)."""
-        return self.root / CACHE_DIR / check_uid(study_uid) / check_uid(series_uid) / name
+    def cache_path(self, study_uid: str, name: str) -> Path:
+        """Where analysis and report keep what they may reuse for a study (a plain name)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"not a plain file name: {name!r}")
+        return self.root / CACHE_DIR / check_uid(study_uid) / name
 
     def drop_cache(self, study_uid: str) -> None:
         """Forget what analysis kept for a study: it can all be computed again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import multiprocessing as mp
@@ -43,7 +44,10 @@ def load_handlers() -> dict[str, Handler]:
     from daemon.analyse import run_analyse, run_embed
     from daemon.dispatch.job import run_dispatch
     from daemon.dispatch.verify import run_verify
-    from daemon.report.job import run_report
+    from daemon.report.job import prebuild_report, run_report
+
+    def embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+        run_embed(ctx, job, functools.partial(prebuild_report, ctx))
 
     def dispatch(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         run_dispatch(ctx.engine, job, ctx.settings)
@@ -52,7 +56,7 @@ def load_handlers() -> dict[str, Handler]:
         run_verify(ctx.engine, job, ctx.settings)
 
     return {
-        "embed": run_embed,
+        "embed": embed,
         "analyse": run_analyse,
         "report": run_report,
         "dispatch": dispatch,

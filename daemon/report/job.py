@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import Connection, insert, select
 
 from daemon import __version__
@@ -166,6 +170,106 @@ def _study_instances(conn: Connection, study_id: int, version: int) -> list[Inst
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SrPlan:
+    """Everything one study version's SR is built from: equal fingerprints, equal SRs (but
+    for their creation time)."""
+
+    study_uid: str
+    version: int
+    findings: tuple[Finding, ...]
+    failures: tuple[SeriesFailure, ...]
+    sources: tuple[tuple[str, str, str], ...]  # referenced instances: (UID, sha256, path)
+    previous: tuple[tuple[str, str], ...]  # the SR it supersedes: (UID, path)
+    series_number: int
+    device: DeviceInfo
+
+    @property
+    def sop_instance_uid(self) -> str:
+        keys = sorted({f.model_key for f in self.findings} | {f.model_name for f in self.failures})
+        return sr_uid(self.study_uid, self.version, keys)
+
+    def fingerprint(self) -> str:
+        """A digest of every input (paths aside: the same bytes may move)."""
+        identity = dataclasses.replace(
+            self,
+            sources=tuple((uid, sha) for uid, sha, _ in self.sources),  # type: ignore[arg-type]
+            previous=tuple((uid, "") for uid, _ in self.previous),
+        )
+        return hashlib.sha256(repr((__version__, identity)).encode()).hexdigest()
+
+    def build(self, heatmap_images: Sequence[Dataset] = ()) -> Dataset:
+        """The SR itself (reads the sources' headers and the superseded SR)."""
+        return build_sr(
+            _headers(path for _, _, path in self.sources),
+            self.findings,
+            sop_instance_uid=self.sop_instance_uid,
+            series_instance_uid=series_uid(self.study_uid),
+            series_number=self.series_number,
+            instance_number=self.version,
+            device=self.device,
+            previous=[pydicom.dcmread(path) for _, path in self.previous],
+            failures=self.failures,
+            heatmap_images=heatmap_images,
+        )
+
+
+def _previous_reports(conn: Connection, study_id: int, version: int) -> list[tuple[str, str]]:
+    """The study's SRs of earlier versions whose files are still there, oldest first."""
+    return [
+        (uid, path)
+        for uid, path in conn.execute(
+            select(Report.sop_instance_uid, Report.path)
+            .where(
+                Report.study_id == study_id,
+                Report.study_version < version,
+                Report.kind == SR_KIND,
+            )
+            .order_by(Report.study_version)
+        ).all()
+        if Path(path).is_file()
+    ]
+
+
+def plan_report(
+    conn: Connection,
+    settings: Settings,
+    study: Any,
+    version: int,
+    rows: Sequence[Any],
+    heatmaps: Mapping[ResultKey, Sequence[Dataset]] | None = None,
+) -> SrPlan | None:
+    """The plan of the SR for these results rows, or None when they hold nothing to report."""
+    instances = _study_instances(conn, study.id, version)
+    by_uid = {i.sop_instance_uid: i for i in instances}
+    findings, failures = findings_from_results(
+        rows, {uid: i.sop_class_uid for uid, i in by_uid.items()}, heatmaps
+    )
+    if not findings and not failures:
+        return None
+    referenced = dict.fromkeys(e.sop_instance_uid for f in findings for e in f.evidence)
+    if not referenced:
+        referenced = dict.fromkeys([instances[0].sop_instance_uid])
+    return SrPlan(
+        study_uid=study.study_uid,
+        version=version,
+        findings=tuple(findings),
+        failures=tuple(failures),
+        sources=tuple((uid, by_uid[uid].sha256, by_uid[uid].path) for uid in referenced),
+        previous=tuple(_previous_reports(conn, study.id, version)[-1:]),
+        series_number=settings.report.series_number,
+        device=device_info(settings),
+    )
+
+
+def _analysis_rows(conn: Connection, analyse_job_id: int) -> list[Any]:
+    return list(
+        conn.execute(
+            select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
+        ).all()
+    )
+
+
 def build_report(
     conn: Connection,
     settings: Settings,
@@ -177,82 +281,113 @@ def build_report(
     """The SR for one study version, or None when nothing is due; `heatmaps` (from
     `build_heatmaps`) are referenced from the findings they explain. A destination that
     refuses Comprehensive 3D SR gets its Enhanced SR twin, made by dispatch at send time."""
-    rows = list(
-        conn.execute(
-            select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
-        ).all()
-    )
+    plan = plan_report(conn, settings, study, version, _analysis_rows(conn, analyse_job_id),
+                       heatmaps)
+    if plan is not None:
+        return plan.build([sc for captures in (heatmaps or {}).values() for sc in captures])
+    return _no_model_report(conn, settings, study, version)
+
+
+def _no_model_report(
+    conn: Connection, settings: Settings, study: Study, version: int
+) -> Dataset | None:
+    """The short SR that says no model applied, when the site wants one."""
     instances = _study_instances(conn, study.id, version)
-    by_uid = {i.sop_instance_uid: i for i in instances}
-    findings, failures = findings_from_results(
-        rows, {uid: i.sop_class_uid for uid, i in by_uid.items()}, heatmaps
+    if not settings.report.no_model_sr or not instances:
+        return None
+    previous = _previous_reports(conn, study.id, version)[-1:]
+    return build_no_applicable_model_sr(
+        _headers(i.path for i in instances[:SOURCES_FOR_NO_MODEL]),
+        sop_instance_uid=sr_uid(study.study_uid, version, ["no-applicable-model"]),
+        series_instance_uid=series_uid(study.study_uid),
+        series_number=settings.report.series_number,
+        instance_number=version,
+        device=device_info(settings),
+        previous=[pydicom.dcmread(path) for _, path in previous],
     )
-    heatmap_images = [sc for captures in (heatmaps or {}).values() for sc in captures]
-    previous = [
-        pydicom.dcmread(p)
-        for p in conn.execute(
-            select(Report.path)
-            .where(
-                Report.study_id == study.id,
-                Report.study_version < version,
-                Report.kind == SR_KIND,
-            )
-            .order_by(Report.study_version)
-        ).scalars()
-        if Path(p).is_file()
-    ]
-    common: dict[str, Any] = {
-        "series_instance_uid": series_uid(study.study_uid),
-        "series_number": settings.report.series_number,
-        "instance_number": version,
-        "device": device_info(settings),
-        "previous": previous[-1:],
-    }
-    if not findings and not failures:
-        if not settings.report.no_model_sr or not instances:
-            return None
-        sources = _headers(i.path for i in instances[:SOURCES_FOR_NO_MODEL])
-        keys = ["no-applicable-model"]
-        return build_no_applicable_model_sr(
-            sources, sop_instance_uid=sr_uid(study.study_uid, version, keys), **common
-        )
-    referenced = dict.fromkeys(e.sop_instance_uid for f in findings for e in f.evidence)
-    if not referenced:
-        referenced = dict.fromkeys([instances[0].sop_instance_uid])
-    sources = _headers(by_uid[uid].path for uid in referenced)
-    keys = sorted({f.model_key for f in findings} | {f.model_name for f in failures})
-    return build_sr(
-        sources,
-        findings,
-        sop_instance_uid=sr_uid(study.study_uid, version, keys),
-        failures=failures,
-        heatmap_images=heatmap_images,
-        **common,
-    )
+
+
+def _prebuilt_path(spool: Spool, plan: SrPlan) -> Path:
+    return spool.cache_path(plan.study_uid, f"sr-v{plan.version}-{plan.fingerprint()}.dcm")
+
+
+def prebuild_report(
+    ctx: WorkerContext, study: Any, version: int, rows: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Build, ahead of the analysis, the SR these rows will give if nothing changes: the
+    report job then only sends it. True when one was built."""
+    results = [SimpleNamespace(**row) for row in rows]
+    with ctx.engine.connect() as conn:
+        plan = plan_report(conn, ctx.settings, study, version, results)
+    if plan is None:
+        return False
+    path = _prebuilt_path(ctx.spool, plan)
+    if path.is_file():
+        return False
+    ctx.spool.make_dirs(path.parent)
+    ctx.spool.write_atomic(path, _encode(plan.build()))
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """An SR ready to write: its identity, its bytes, and how it came to be."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    data: bytes
+    findings: int
+    prebuilt: bool = False
+
+    @classmethod
+    def of(cls, ds: Dataset, findings: int) -> Built:
+        return cls(str(ds.SOPInstanceUID), str(ds.SOPClassUID), _encode(ds), findings)
+
+
+def _report_for(
+    conn: Connection,
+    ctx: WorkerContext,
+    study: Study,
+    version: int,
+    analyse_job_id: int,
+    heatmaps: Mapping[ResultKey, Sequence[Dataset]],
+    captures: Sequence[Dataset],
+) -> Built | None:
+    """The SR to write: prebuilt when an early run foresaw exactly these inputs, else built."""
+    plan = plan_report(conn, ctx.settings, study, version, _analysis_rows(conn, analyse_job_id),
+                       heatmaps)
+    if plan is None:
+        no_model = _no_model_report(conn, ctx.settings, study, version)
+        return None if no_model is None else Built.of(no_model, 0)
+    prebuilt = _prebuilt_path(ctx.spool, plan)
+    if not captures and prebuilt.is_file():
+        return Built(plan.sop_instance_uid, Comprehensive3DSRStorage, prebuilt.read_bytes(),
+                     len(plan.findings), prebuilt=True)
+    return Built.of(plan.build(captures), len(plan.findings))
 
 
 def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     """Write the SR into the spool, then record it, its outbox rows and their jobs at once."""
     version = int(job.payload["study_version"])
     analyse_job_id = int(job.payload["analyse_job_id"])
+    spool: Spool = ctx.spool
     with ctx.engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
         heatmaps = build_heatmaps(conn, ctx.settings, study, version, analyse_job_id)
-        main = build_report(conn, ctx.settings, study, version, analyse_job_id, heatmaps)
+        captures = [sc for group in heatmaps.values() for sc in group]
+        main = _report_for(conn, ctx, study, version, analyse_job_id, heatmaps, captures)
     if main is None:
         with ctx.engine.begin() as conn:
             queue.complete(conn, job.id, job.lease_owner)
         log.info("no report for study", extra=kv(study=study.study_uid, version=version))
         return
-    uid = str(main.SOPInstanceUID)
-    spool: Spool = ctx.spool
+    uid = main.sop_instance_uid
     main_path = spool.report_path(study.study_uid, uid)
     spool.make_dirs(main_path.parent)
-    captures = [sc for group in heatmaps.values() for sc in group]
     capture_paths = [spool.report_path(study.study_uid, sc.SOPInstanceUID) for sc in captures]
     for capture, path in zip(captures, capture_paths, strict=True):
         spool.write_atomic(path, _encode(capture))
-    spool.write_atomic(main_path, _encode(main))
+    spool.write_atomic(main_path, main.data)
     with ctx.engine.begin() as conn:
         for capture, path in zip(captures, capture_paths, strict=True):
             capture_id = conn.execute(
@@ -274,7 +409,7 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
                 study_id=study.id,
                 study_version=version,
                 sop_instance_uid=uid,
-                sop_class_uid=str(main.SOPClassUID),
+                sop_class_uid=main.sop_class_uid,
                 path=str(main_path),
             )
             .returning(Report.id)
@@ -283,7 +418,13 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         queue.complete(conn, job.id, job.lease_owner)
     log.info(
         "report written",
-        extra=kv(study=study.study_uid, version=version, sr=uid, findings=_count_groups(main)),
+        extra=kv(
+            study=study.study_uid,
+            version=version,
+            sr=uid,
+            findings=main.findings,
+            prebuilt=main.prebuilt,
+        ),
     )
 
 
@@ -304,6 +445,3 @@ def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, stu
             payload={"dispatch_id": dispatch_id, "destination": dest.name},
         )
 
-
-def _count_groups(ds: Dataset) -> int:
-    return sum(1 for _ in ds.ContentSequence) if "ContentSequence" in ds else 0

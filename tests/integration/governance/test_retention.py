@@ -52,7 +52,7 @@ class Reported:
         self.report_id = rows.add_report(
             engine, self.study_id, 1, "1.2.826.0.1.3680043.9.1", self.sr_path
         )
-        self.cached = spool.cache_path(self.study_uid, series_uid, "cnn-outputs.npz")
+        self.cached = spool.cache_path(self.study_uid, f"{series_uid}.cnn-outputs.npz")
         spool.make_dirs(self.cached.parent)
         spool.write_atomic(self.cached, b"outputs")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -18,16 +19,21 @@ SLICES = 12
 
 
 def _send_and_wait_analysed(
-    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon], **assembly: float
+    tmp_path: Path,
+    demo_models: Path,
+    make_daemon: Callable[..., Daemon],
+    *,
+    report: dict[str, Any] | None = None,
+    **assembly: float,
 ) -> tuple[Daemon, list[Path]]:
     require_dcmtk()
     files = write_series(tmp_path / "series", slices=SLICES, rows=64, cols=64, lesion=True,
                          seed=31)
-    config = daemon_config(tmp_path, demo_models,
+    config = daemon_config(tmp_path, demo_models, report=report or {},
                            assembly={"quiet_seconds": 3, "sweep_seconds": 60, **assembly})
     daemon = make_daemon(config).start()
     assert storescu(daemon.port, files).returncode == 0
-    wait_for(lambda: "study analysed" in daemon.log(), 120, "the study analysed")
+    wait_for(lambda: "report written" in daemon.log(), 120, "the study analysed and reported")
     return daemon, files
 
 
@@ -45,15 +51,19 @@ def test_cnns_start_in_the_quiet_window_and_the_analysis_reuses_every_file(
     log = daemon.log().splitlines()
     early = [line for line in log if "early analysis done" in line]
     analysed = [line for line in log if "series analysed" in line]
-    assert [_field(line, "files") for line in early] == [str(SLICES)]
+    # The demo CNN explains its findings with heatmaps, which only the analysis makes: so
+    # the early run stops at the CNN outputs and foresees no SR.
+    assert [(_field(line, "series"), _field(line, "report")) for line in early] == [
+        ("1", "False")
+    ]
     assert [(_field(line, "images"), _field(line, "reused")) for line in analysed] == [
         (str(SLICES), str(SLICES))
     ]
     assert log.index(early[0]) < log.index(analysed[0])
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     kept = Path(daemon.config["storage"]["spool_dir"]) / "cache" / ds.StudyInstanceUID
-    assert [p.name.split("-")[:2] for p in (kept / ds.SeriesInstanceUID).iterdir()] == [
-        ["demo", "cnn"]
+    assert [p.name.split("-")[0] for p in kept.glob("*.npz")] == [
+        f"{ds.SeriesInstanceUID}.demo"
     ]
 
 
@@ -65,3 +75,21 @@ def test_with_early_seconds_zero_the_analysis_runs_the_cnns_itself(
     assert "early analysis" not in log
     (line,) = [line for line in log.splitlines() if "series analysed" in line]
     assert (_field(line, "images"), _field(line, "reused")) == (str(SLICES), "0")
+
+
+def test_an_early_run_without_heatmaps_prebuilds_the_sr_and_the_report_job_writes_it(
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, files = _send_and_wait_analysed(tmp_path, demo_models, make_daemon,
+                                            report={"heatmap_top_k": 0}, early_seconds=0.5)
+    log = daemon.log().splitlines()
+    (early,) = [line for line in log if "early analysis done" in line]
+    (written,) = [line for line in log if "report written" in line]
+    assert _field(early, "report") == "True"
+    assert _field(written, "prebuilt") == "True"
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    spool = Path(daemon.config["storage"]["spool_dir"])
+    sr = spool / "reports" / study_uid / f"{_field(written, 'sr')}.dcm"
+    (kept,) = (spool / "cache" / study_uid).glob("sr-v1-*.dcm")
+    assert sr.read_bytes() == kept.read_bytes()
+    assert pydicom.dcmread(sr).SOPInstanceUID == _field(written, "sr")
