@@ -24,12 +24,13 @@ def _send_and_wait_analysed(
     make_daemon: Callable[..., Daemon],
     *,
     report: dict[str, Any] | None = None,
+    database_url: str | None = None,
     **assembly: float,
 ) -> tuple[Daemon, list[Path]]:
     require_dcmtk()
     files = write_series(tmp_path / "series", slices=SLICES, rows=64, cols=64, lesion=True,
                          seed=31)
-    config = daemon_config(tmp_path, demo_models, report=report or {},
+    config = daemon_config(tmp_path, demo_models, database_url=database_url, report=report or {},
                            assembly={"quiet_seconds": 3, "sweep_seconds": 60, **assembly})
     daemon = make_daemon(config).start()
     assert storescu(daemon.port, files).returncode == 0
@@ -78,10 +79,13 @@ def test_with_early_seconds_zero_the_analysis_runs_the_cnns_itself(
 
 
 def test_an_early_run_without_heatmaps_prebuilds_the_sr_and_the_report_job_writes_it(
-    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon]
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon], database_url: str
 ) -> None:
+    # On both databases: the results rows the analysis reads back (JSON details, floats) must
+    # plan the very SR the early run planned from the rows it held in memory.
     daemon, files = _send_and_wait_analysed(tmp_path, demo_models, make_daemon,
-                                            report={"heatmap_top_k": 0}, early_seconds=0.5)
+                                            report={"heatmap_top_k": 0},
+                                            database_url=database_url, early_seconds=0.5)
     log = daemon.log().splitlines()
     (early,) = [line for line in log if "early analysis done" in line]
     (written,) = [line for line in log if "report written" in line]
