@@ -195,8 +195,15 @@ def work_loop(ctx: WorkerContext, handlers: dict[str, Handler], stopping: thread
 
 
 def _install_signals(stopping: threading.Event) -> None:
+    """First SIGTERM: finish the job in hand. Second: give it back now. Any later one is
+    ignored, so it cannot interrupt the giving back (the pool may signal more than twice)."""
+    cold = threading.Event()
+
     def on_term(_signum: int, _frame: FrameType | None) -> None:
+        if cold.is_set():
+            return
         if stopping.is_set():
+            cold.set()
             raise ColdShutdown()
         stopping.set()
 

@@ -19,10 +19,10 @@ from sqlalchemy.engine import make_url
 
 from daemon.config import load_settings
 from daemon.db.schema import Dispatch, Instance, Job, Report, Study
-from daemon.spool import REPORTS_DIR, TMP_DIR
+from daemon.spool import CACHE_DIR, QUARANTINE_DIR, REPORTS_DIR, TMP_DIR
 from tests.daemon_proc import Daemon
 
-SPOOL_SIDE_DIRS = {TMP_DIR, REPORTS_DIR, "quarantine"}
+SPOOL_SIDE_DIRS = {TMP_DIR, REPORTS_DIR, CACHE_DIR, QUARANTINE_DIR}
 
 
 def daemon_database(daemon: Daemon) -> Engine:
