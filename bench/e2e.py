@@ -1,7 +1,7 @@
 """End-to-end latency: last instance acknowledged to the SR stored in Orthanc, minus the quiet
 window, against the pure compiled CNN+LSTM forward on the same study's ready tensors.
 
-    python -m bench.e2e [--slices 200] [--size 512] [--repeats 3] [--quiet 2]
+    python -m bench.e2e [--slices 200] [--size 512] [--repeats 3] [--quiet 2] [--early S]
 
 Set-up, all on loopback, in one temporary directory:
 
@@ -228,14 +228,18 @@ def stage_table(runs: list[dict[str, float]]) -> list[str]:
 # Main ----------------------------------------------------------------------------------------
 
 
-def daemon_config(work: Path, models_dir: Path, orthanc: Any, quiet: float) -> dict[str, Any]:
+def daemon_config(work: Path, models_dir: Path, orthanc: Any, quiet: float,
+                  early: float | None = None) -> dict[str, Any]:
     from tests.peers import free_port
 
+    assembly: dict[str, Any] = {"quiet_seconds": quiet, "sweep_seconds": 60}
+    if early is not None:
+        assembly["early_seconds"] = early
     return {
         "dicom": {"ae_title": DAEMON_AET, "bind": "127.0.0.1", "port": free_port()},
         "storage": {"spool_dir": work / "spool", "min_free_mb": 1,
                     "database_url": f"sqlite:///{work / 'pacs-ai.db'}"},
-        "assembly": {"quiet_seconds": quiet, "sweep_seconds": 60},
+        "assembly": assembly,
         "workers": {"count": 1, "lease_seconds": 120},
         "models": {"dir": models_dir},
         "retry": {"base_seconds": 1, "factor": 2, "cap_seconds": 4, "max_attempts": 5},
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quiet", type=float, default=2.0, help="[assembly] quiet_seconds")
+    parser.add_argument("--early", type=float, default=None,
+                        help="[assembly] early_seconds (default: the daemon's; 0 = off)")
     parser.add_argument("--batch", type=int, default=32, help="batch of the pure forward")
     parser.add_argument("--timeout", type=float, default=300.0, help="per study, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -266,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="pacsai-bench-e2e-"))
     try:
+        early = "default" if args.early is None else args.early
         print(f"e2e benchmark: {args.slices} x {args.size}x{args.size} phantom CT per study, "
-              f"quiet_seconds={args.quiet}, 1 worker, SQLite, Orthanc (TCP_NODELAY=1); "
+              f"quiet_seconds={args.quiet}, early_seconds={early}, 1 worker, "
+              f"SQLite, Orthanc (TCP_NODELAY=1); "
               f"1 warm-up study + {args.repeats}; load {loadavg()}", flush=True)
         models_dir = _write_models(root / "models", seed=7)
         studies = [write_study(root / f"study{i}", args.slices, args.size, seed=7)
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         with Orthanc(workdir=root / "orthanc") as orthanc:
             work = root / "daemon"
             work.mkdir()
-            config = daemon_config(work, models_dir, orthanc, args.quiet)
+            config = daemon_config(work, models_dir, orthanc, args.quiet, args.early)
             with Daemon(work, config) as daemon:
                 for i, (study_uid, files) in enumerate(studies):
                     try:
