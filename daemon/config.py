@@ -105,25 +105,30 @@ class StorageSettings(_Section):
         return f"sqlite:///{self.spool_dir.parent.absolute() / 'pacs-ai.db'}"
 
 
+DEFAULT_EARLY_SECONDS = 0.5
+
+
 class AssemblySettings(_Section):
     quiet_seconds: float = Field(default=30.0, ge=0)
     sweep_seconds: float = Field(default=60.0, gt=0)
-    # After this much quiet (less than quiet_seconds; 0 = never) the CNNs start on what has
-    # arrived, so that once the study is quiet only the rest and the LSTMs remain.
-    early_seconds: float = Field(default=0.5, ge=0)
+    # After this much quiet (less than quiet_seconds; 0 = never) the models start on what
+    # has arrived, so that once the study is quiet little is left to do. Unset: the default,
+    # where the quiet window is longer than it.
+    early_seconds: float | None = Field(default=None, ge=0)
 
     @field_validator("early_seconds")
     @classmethod
-    def _early_before_quiet(cls, value: float, info: ValidationInfo) -> float:
+    def _early_before_quiet(cls, value: float | None, info: ValidationInfo) -> float | None:
         quiet = info.data.get("quiet_seconds")
-        if value > 0 and quiet is not None and value >= quiet:
+        if value and quiet is not None and value >= quiet:
             raise ValueError("must be less than quiet_seconds (0 turns early analysis off)")
         return value
 
     @property
     def early_analysis_seconds(self) -> float | None:
         """The early window in force: None when off, or when the quiet window is shorter."""
-        return self.early_seconds if 0 < self.early_seconds < self.quiet_seconds else None
+        early = DEFAULT_EARLY_SECONDS if self.early_seconds is None else self.early_seconds
+        return early if 0 < early < self.quiet_seconds else None
 
 
 class WorkerSettings(_Section):

@@ -327,3 +327,14 @@ def test_early_analysis_is_in_force_only_inside_the_quiet_window(
 ) -> None:
     settings = load_settings(write(tmp_path, f"[assembly]\n{table}"), {})
     assert settings.assembly.early_analysis_seconds == in_force
+
+
+def test_a_short_quiet_window_with_the_default_early_window_survives_the_trip_to_a_worker(
+    tmp_path: Path,
+) -> None:
+    # serve hands each worker its settings as model_dump(); the default must not come back
+    # as an explicit early_seconds that the quiet window then refuses.
+    settings = load_settings(write(tmp_path, "[assembly]\nquiet_seconds = 0.5\n"), {})
+    again = Settings(**settings.model_dump(mode="json"))
+    assert again.assembly.early_analysis_seconds is None
+    assert again == settings
