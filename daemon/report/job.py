@@ -101,13 +101,11 @@ def _finding(
 
 
 def build_heatmaps(
-    conn: Connection, settings: Settings, study: Study, version: int, analyse_job_id: int
+    conn: Connection, settings: Settings, study: Study, version: int, rows: Sequence[Any]
 ) -> dict[ResultKey, list[Dataset]]:
-    """Secondary Captures of the overlays analyse saved, grouped by the finding they explain,
-    most probable image first; an overlay file that is gone is skipped with a warning."""
-    rows = conn.execute(
-        select(Result).where(Result.job_id == analyse_job_id).order_by(Result.id)
-    ).all()
+    """Secondary Captures of the overlays analyse saved (named in its results `rows`), grouped
+    by the finding they explain, most probable image first; an overlay file that is gone is
+    skipped with a warning."""
     chosen = sorted(
         (
             r for r in rows
@@ -349,13 +347,12 @@ def _report_for(
     ctx: WorkerContext,
     study: Study,
     version: int,
-    analyse_job_id: int,
+    rows: Sequence[Any],
     heatmaps: Mapping[ResultKey, Sequence[Dataset]],
     captures: Sequence[Dataset],
 ) -> Built | None:
     """The SR to write: prebuilt when an early run foresaw exactly these inputs, else built."""
-    plan = plan_report(conn, ctx.settings, study, version, _analysis_rows(conn, analyse_job_id),
-                       heatmaps)
+    plan = plan_report(conn, ctx.settings, study, version, rows, heatmaps)
     if plan is None:
         no_model = _no_model_report(conn, ctx.settings, study, version)
         return None if no_model is None else Built.of(no_model, 0)
@@ -373,12 +370,17 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
     spool: Spool = ctx.spool
     with ctx.engine.connect() as conn:
         study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
-        heatmaps = build_heatmaps(conn, ctx.settings, study, version, analyse_job_id)
+        rows = _analysis_rows(conn, analyse_job_id)
+        heatmaps = build_heatmaps(conn, ctx.settings, study, version, rows)
         captures = [sc for group in heatmaps.values() for sc in group]
-        main = _report_for(conn, ctx, study, version, analyse_job_id, heatmaps, captures)
+        main = _report_for(conn, ctx, study, version, rows, heatmaps, captures)
+    # Once this job's outcome is committed the overlays are in the Secondary Captures (or
+    # not wanted): nothing reads them again, and each is as large as its source image.
+    overlays = [Path(r.detail["heatmap"]) for r in rows if (r.detail or {}).get("heatmap")]
     if main is None:
         with ctx.engine.begin() as conn:
             queue.complete(conn, job.id, job.lease_owner)
+        _remove_all(spool, overlays)
         log.info("no report for study", extra=kv(study=study.study_uid, version=version))
         return
     uid = main.sop_instance_uid
@@ -416,6 +418,7 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         ).scalar_one()
         enqueue_dispatches(conn, ctx.settings, report_id, study.id)
         queue.complete(conn, job.id, job.lease_owner)
+    _remove_all(spool, overlays)
     log.info(
         "report written",
         extra=kv(
@@ -426,6 +429,11 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
             prebuilt=main.prebuilt,
         ),
     )
+
+
+def _remove_all(spool: Spool, paths: Iterable[Path]) -> None:
+    for path in paths:
+        spool.remove(path)
 
 
 def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, study_id: int) -> None:

@@ -97,6 +97,10 @@ def test_study_from_storescu_arrives_in_orthanc_as_one_sr_with_the_recorded_find
         status = daemon.cli_json("status", "--no-echo")
         assert set(status["dispatches"]) == {"sent"}, status["dispatches"]
         assert len(orthanc.find_sr(study_uid)) == 1
+        # The Grad-CAM overlays analysis left for the report are gone once their Secondary
+        # Captures are written: nothing reads them again.
+        assert orthanc.find_instances(study_uid, "OT"), "no heatmap reached the PACS"
+        assert not list(Path(config["storage"]["spool_dir"]).rglob("*.npy"))
 
 
 def test_report_waits_for_an_orthanc_that_was_down_and_is_delivered_once_it_starts(
