@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,15 +12,9 @@ from sqlalchemy import Engine, text
 
 from daemon.db import migrate
 from daemon.db.engine import make_engine
+from tests.peers import free_port
 
 PG_ADMIN_URL = os.environ.get("PACSAI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def postgres_available() -> bool:

@@ -48,11 +48,20 @@ STOP_TIMEOUT_S = 10.0
 LOG_TAIL_CHARS = 3000
 
 
+# Ports handed out by this process. One not yet bound by whoever asked looks free to the
+# OS, which may offer it again: a daemon and an Orthanc once got the same port that way.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free a moment ago on loopback and that no caller here got before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _require(program: str, what: str) -> None:
