@@ -10,7 +10,7 @@ from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import Connection, Engine, exists, func, select, update
+from sqlalchemy import Connection, Engine, Row, exists, func, select, update
 
 from daemon.config import Settings
 from daemon.db import queue
@@ -21,20 +21,26 @@ from daemon.logsetup import kv
 log = logging.getLogger(__name__)
 
 
+def _paused_study(conn: Connection, study_uid: str, seconds: float) -> Row[Any] | None:
+    """The study (id, open version) if nothing of it arrived for `seconds`, else None."""
+    cutoff = utcnow() - dt.timedelta(seconds=seconds)
+    study = conn.execute(
+        select(Study.id, Study.version, Study.last_received_at).where(
+            Study.study_uid == study_uid
+        )
+    ).one_or_none()
+    return None if study is None or study.last_received_at > cutoff else study
+
+
 def close_version(engine: Engine, study_uid: str, quiet_seconds: float, max_attempts: int) -> bool:
     """Queue the study's open version if it has been quiet long enough; True when queued.
 
     The version is bumped in the same transaction, so instances arriving from now on join
     the next version and an analysis never misses or repeats an instance.
     """
-    cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
     with engine.begin() as conn:
-        study = conn.execute(
-            select(Study.id, Study.version, Study.last_received_at).where(
-                Study.study_uid == study_uid
-            )
-        ).one_or_none()
-        if study is None or study.last_received_at > cutoff:
+        study = _paused_study(conn, study_uid, quiet_seconds)
+        if study is None:
             return False
         pending = conn.execute(
             select(
@@ -62,14 +68,9 @@ def queue_early(engine: Engine, study_uid: str, early_seconds: float, max_attemp
     Only a cache is at stake: a study that moved on, or one already queued for analysis,
     gets nothing, and the analysis does whatever the early run did not.
     """
-    cutoff = utcnow() - dt.timedelta(seconds=early_seconds)
     with engine.begin() as conn:
-        study = conn.execute(
-            select(Study.id, Study.version, Study.last_received_at).where(
-                Study.study_uid == study_uid
-            )
-        ).one_or_none()
-        if study is None or study.last_received_at > cutoff:
+        study = _paused_study(conn, study_uid, early_seconds)
+        if study is None:
             return False
         arrived = conn.execute(
             select(func.count()).where(

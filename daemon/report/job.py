@@ -281,8 +281,21 @@ def build_report(
     refuses Comprehensive 3D SR gets its Enhanced SR twin, made by dispatch at send time."""
     plan = plan_report(conn, settings, study, version, _analysis_rows(conn, analyse_job_id),
                        heatmaps)
+    captures = [sc for group in (heatmaps or {}).values() for sc in group]
+    return _build_now(conn, settings, study, version, plan, captures)
+
+
+def _build_now(
+    conn: Connection,
+    settings: Settings,
+    study: Study,
+    version: int,
+    plan: SrPlan | None,
+    captures: Sequence[Dataset],
+) -> Dataset | None:
+    """The plan's SR, or with nothing to report the no-applicable-model one (if wanted)."""
     if plan is not None:
-        return plan.build([sc for captures in (heatmaps or {}).values() for sc in captures])
+        return plan.build(captures)
     return _no_model_report(conn, settings, study, version)
 
 
@@ -353,14 +366,13 @@ def _report_for(
 ) -> Built | None:
     """The SR to write: prebuilt when an early run foresaw exactly these inputs, else built."""
     plan = plan_report(conn, ctx.settings, study, version, rows, heatmaps)
-    if plan is None:
-        no_model = _no_model_report(conn, ctx.settings, study, version)
-        return None if no_model is None else Built.of(no_model, 0)
-    prebuilt = _prebuilt_path(ctx.spool, plan)
-    if not captures and prebuilt.is_file():
-        return Built(plan.sop_instance_uid, Comprehensive3DSRStorage, prebuilt.read_bytes(),
-                     len(plan.findings), prebuilt=True)
-    return Built.of(plan.build(captures), len(plan.findings))
+    if plan is not None and not captures:
+        prebuilt = _prebuilt_path(ctx.spool, plan)
+        if prebuilt.is_file():
+            return Built(plan.sop_instance_uid, Comprehensive3DSRStorage, prebuilt.read_bytes(),
+                         len(plan.findings), prebuilt=True)
+    built = _build_now(conn, ctx.settings, study, version, plan, captures)
+    return None if built is None else Built.of(built, 0 if plan is None else len(plan.findings))
 
 
 def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
