@@ -160,7 +160,10 @@ class Spool:
 
     def write_temp(self, data: bytes) -> tuple[Path, int, str]:
         """Write `data` to a durable temporary file: (path, size, sha256)."""
-        digest = hashlib.sha256(data).hexdigest()
+        return self.write_temp_file(data), len(data), hashlib.sha256(data).hexdigest()
+
+    def write_temp_file(self, data: bytes) -> Path:
+        """Write `data` to a durable temporary file; a caller that hashes on its own uses this."""
         fd, name = _mkstemp(self.tmp_dir)
         tmp = Path(name)
         try:
@@ -171,7 +174,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return tmp, len(data), digest
+        return tmp
 
     def commit_temp(self, tmp: Path, path: Path) -> None:
         """Rename a durable temporary file to `path` (replacing it) and fsync the directory."""

@@ -20,6 +20,10 @@ row's sha256**. A path may only be (re)written while no row points at it:
 - Identical resend: the (sop_instance_uid, sha256) row exists; success, nothing written.
 - An older version sent again becomes current again (its row and file never changed).
 
+The temporary file is written and fsync'd by a writer thread while the calling thread hashes
+the bytes, parses the identifiers and starts the transaction (both are mostly outside the
+GIL: the kernel copies and flushes, OpenSSL hashes); the rename waits for that fsync.
+
 All renames into place and row changes happen inside the database transaction that decides
 them (SQLite: BEGIN IMMEDIATE; PostgreSQL: the study row is locked by its upsert), so two
 senders of the same SOP Instance UID cannot interleave. Instances arriving on concurrent
@@ -33,10 +37,12 @@ several senders share them.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import enum
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -90,6 +96,10 @@ PARSE_ERRORS = (
 DB_UNAVAILABLE = (OperationalError, InterfaceError, InternalError, ProgrammingError)
 MAX_ATTEMPTS = 4
 WRITER_LOCK = ".receive-writer.lock"
+# Threads writing temporary files; more concurrent stores wait for one (the disk serializes
+# their flushes anyway).
+FILE_WRITERS = 8
+AUDITED_STUDIES = 1024
 
 
 class Outcome(enum.Enum):
@@ -138,16 +148,20 @@ class Refused(Exception):
 
 @dataclass(eq=False)
 class _Pending:
-    """An instance whose file is durable in the spool's temp dir, waiting for its commit."""
+    """An instance whose temporary file is being written or durable, waiting for its commit."""
 
     req: Request
     ids: Identifiers
     path: Path
-    tmp: Path
+    written: concurrent.futures.Future[Path]
     size: int
     sha: str
     result: Outcome | BaseException | None = None
     done: bool = False
+
+    def temp_file(self) -> Path:
+        """The durable temporary file, once its writer is done (its OSError if it failed)."""
+        return self.written.result()
 
     def finish(self, result: Outcome | BaseException) -> None:
         self.result = result
@@ -253,9 +267,12 @@ UPSERT_SERIES = text(
     "body_part = COALESCE(series.body_part, excluded.body_part) "
     "RETURNING id, study_id"
 )
+# Every row of the SOP Instance UID, purged ones included: the same bytes sent again after
+# retention removed their file revive their row, which is the instance's history (results
+# and reports point at it), rather than start a second one.
 VERSIONS = text(
-    "SELECT id, sha256, path, superseded_at FROM instances "
-    "WHERE sop_instance_uid = :sop AND deleted_at IS NULL ORDER BY id"
+    "SELECT id, sha256, path, superseded_at, deleted_at FROM instances "
+    "WHERE sop_instance_uid = :sop ORDER BY id"
 )
 INSERT_INSTANCE = text(
     "INSERT INTO instances (study_id, series_id, sop_instance_uid, sop_class_uid, "
@@ -263,12 +280,6 @@ INSERT_INSTANCE = text(
     "VALUES (:study_id, :series_id, :sop_instance_uid, :sop_class_uid, :transfer_syntax_uid, "
     ":study_version, :path, :size, :sha256, :calling_ae, :received_at)"
 ).bindparams(bindparam("received_at", type_=UTCDateTime()))
-# The same bytes sent again after retention removed their file: the row is the instance's
-# history (results and reports point at it), so it comes back rather than a second one.
-PURGED = text(
-    "SELECT id FROM instances "
-    "WHERE sop_instance_uid = :sop AND sha256 = :sha AND deleted_at IS NOT NULL"
-)
 REVIVE_INSTANCE = text(
     "UPDATE instances SET study_id = :study_id, series_id = :series_id, "
     "sop_class_uid = :sop_class_uid, transfer_syntax_uid = :transfer_syntax_uid, "
@@ -312,20 +323,50 @@ class Ingestor:
         self._flock_path = spool.root / WRITER_LOCK if engine.dialect.name == "sqlite" else None
         self._flock_fd: int | None = None
         self._last_space_warning: float | None = None
+        self._closed = False
+        # Audit rows are never deleted, so a study found here needs no look-up.
+        self._audited: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._writers = concurrent.futures.ThreadPoolExecutor(
+            FILE_WRITERS, thread_name_prefix="spool-write"
+        )
 
     # The handler's entry point ---------------------------------------------------------
 
     def store(self, req: Request) -> Dataset:
         """Answer one C-STORE: success only after the file and its row are durable."""
+        if self._closed:
+            return response(status.OUT_OF_RESOURCES, "receiver stopping")
+        written = self._start_write(req.data)
+        try:
+            return self._answer(req, written)
+        finally:
+            if written is not None:
+                self._discard(written)
+
+    def _start_write(self, data: bytes) -> concurrent.futures.Future[Path] | None:
+        """Begin writing the temporary file; None when the spool lacks room."""
+        if not self.spool.has_room(self.min_free_bytes):
+            return None
+        return self._writers.submit(self.spool.write_temp_file, data)
+
+    def _discard(self, written: concurrent.futures.Future[Path]) -> None:
+        """Remove the temporary file unless the commit renamed it into place."""
+        try:
+            tmp = written.result()
+        except OSError:
+            return  # write_temp_file removed its own partial file
+        self.spool.discard_temp(tmp)
+
+    def _answer(self, req: Request, written: concurrent.futures.Future[Path] | None) -> Dataset:
         try:
             ids = check_request(req)
         except Refused as refused:
             return self._refuse(req, refused)
-        if not self.spool.has_room(self.min_free_bytes):
+        if written is None:
             self._warn_space()
             return response(status.OUT_OF_RESOURCES, "spool disk full")
         try:
-            outcome = self._store(req, ids)
+            outcome = self._store(req, ids, written)
         except OSError as exc:
             log.error(
                 "instance not stored: spool write failed",
@@ -403,21 +444,20 @@ class Ingestor:
 
     # Durable storage ------------------------------------------------------------------
 
-    def _store(self, req: Request, ids: Identifiers) -> Outcome:
-        """Write the file, then join (or lead) a group commit; the outcome once durable."""
+    def _store(
+        self, req: Request, ids: Identifiers, written: concurrent.futures.Future[Path]
+    ) -> Outcome:
+        """Join (or lead) a group commit of the file being written; the outcome once durable."""
         path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
-        tmp, size, sha = self.spool.write_temp(req.data)
-        item = _Pending(req, ids, path, tmp, size, sha)
-        try:
-            self._queue.append(item)
-            # Group commit: whoever holds the lock commits every instance queued so far in
-            # one transaction (one directory flush, one database flush for all of them).
-            # A thread that gets the lock after its item was committed just returns.
-            with self._commit_lock:
-                if not item.done:
-                    self._commit_queued()
-        finally:
-            self.spool.discard_temp(tmp)
+        sha = hashlib.sha256(req.data).hexdigest()
+        item = _Pending(req, ids, path, written, len(req.data), sha)
+        self._queue.append(item)
+        # Group commit: whoever holds the lock commits every instance queued so far in one
+        # transaction (one directory flush, one database flush for all of them). A thread
+        # that gets the lock after its item was committed just returns.
+        with self._commit_lock:
+            if not item.done:
+                self._commit_queued()
         if isinstance(item.result, BaseException):
             raise item.result
         if item.result is None:
@@ -455,7 +495,9 @@ class Ingestor:
             fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Release the file lock's descriptor (the Ingestor can still be used after)."""
+        """Stop the file writers (later stores get 0xA700) and release the file lock."""
+        self._closed = True
+        self._writers.shutdown(wait=True)
         if self._flock_fd is not None:
             os.close(self._flock_fd)
             self._flock_fd = None
@@ -475,14 +517,12 @@ class Ingestor:
                         [i.path for i, r in zip(pending, results, strict=True) if r in renamed]
                     )
                     # Last write of the transaction: the audit lock is never held while waiting.
-                    audit.record_studies_received(
-                        conn,
-                        [
-                            i.ids.study_uid
-                            for i, r in zip(pending, results, strict=True)
-                            if r in renamed
-                        ],
-                    )
+                    received = {
+                        i.ids.study_uid
+                        for i, r in zip(pending, results, strict=True)
+                        if r in renamed and i.ids.study_uid not in self._audited
+                    }
+                    audit.record_studies_received(conn, received)
             except IntegrityError:
                 if len(pending) > 1:
                     for item in pending:  # find the one that raced, let the others through
@@ -493,6 +533,7 @@ class Ingestor:
                 for item in pending:
                     item.finish(exc)
                 return
+            self._remember_audited(received)
             again = []
             for item, result in zip(pending, results, strict=True):
                 if result is None:
@@ -500,6 +541,14 @@ class Ingestor:
                 else:
                     item.finish(result)
             pending = again
+
+    def _remember_audited(self, study_uids: set[str]) -> None:
+        """Studies whose "study received" event is committed: later instances skip the look-up."""
+        for uid in study_uids:
+            self._audited[uid] = None
+            self._audited.move_to_end(uid)
+        while len(self._audited) > AUDITED_STUDIES:
+            self._audited.popitem(last=False)
 
     def _record(self, conn: Connection, item: _Pending) -> Outcome | Refused | OSError | None:
         """One instance's step in a transaction; None when it must go again after commit.
@@ -516,7 +565,8 @@ class Ingestor:
                 "series in other study",
                 f"series {ids.series_uid} already belongs to another study",
             )
-        rows = conn.execute(VERSIONS, {"sop": ids.sop_instance_uid}).all()
+        every = conn.execute(VERSIONS, {"sop": ids.sop_instance_uid}).all()
+        rows = [r for r in every if r.deleted_at is None]
         current = [r for r in rows if r.superseded_at is None]
         same = next((r for r in rows if r.sha256 == sha), None)
         if same is not None:
@@ -534,7 +584,7 @@ class Ingestor:
             return Outcome.RESTORED
         # Compared after resolving symlinks: a spool configured through another path to the
         # same directory must still see that a row names this file.
-        real = os.path.realpath(path)
+        real = os.path.realpath(path) if rows else ""
         holder = next((r for r in rows if os.path.realpath(r.path) == real), None)
         if holder is not None:
             # Keep the bytes the row names under a content name before `path` is rewritten.
@@ -545,7 +595,7 @@ class Ingestor:
             conn.execute(update(Instance).where(Instance.id == holder.id).values(path=str(aside)))
             return None
         try:
-            self.spool.rename_temp(item.tmp, path)
+            self.spool.rename_temp(item.temp_file(), path)
         except OSError as exc:
             return exc
         if current:
@@ -555,9 +605,7 @@ class Ingestor:
                 .values(superseded_at=now)
             )
             conn.execute(update(Study).where(Study.id == study_id).values(changed_at=now))
-        purged = conn.execute(
-            PURGED, {"sop": ids.sop_instance_uid, "sha": sha}
-        ).scalar_one_or_none()
+        purged = next((r.id for r in every if r.deleted_at is not None and r.sha256 == sha), None)
         conn.execute(
             INSERT_INSTANCE if purged is None else REVIVE_INSTANCE,
             {

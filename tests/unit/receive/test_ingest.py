@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, select
 
-from daemon.db.schema import Instance, Study
+from daemon.db import audit
+from daemon.db.schema import AuditEvent, Instance, Study
 from daemon.receive import status
 from daemon.receive.ingest import Ingestor, Refused, Request, check_request, read_identifiers
 from daemon.spool import Spool
@@ -54,10 +55,12 @@ def request(ds: Dataset, tmp_path: Path, **over: Any) -> Request:
 
 
 @pytest.fixture
-def ingestor(engine: Engine, tmp_path: Path) -> Ingestor:
+def ingestor(engine: Engine, tmp_path: Path) -> Iterator[Ingestor]:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    return Ingestor(spool, engine, min_free_bytes=0)
+    ingestor = Ingestor(spool, engine, min_free_bytes=0)
+    yield ingestor
+    ingestor.close()
 
 
 def rows(engine: Engine) -> list[Any]:
@@ -211,6 +214,57 @@ def test_crash_during_changed_resend_never_loses_or_mislabels_the_older_bytes(
     assert Path(new.path) == ingestor.spool.instance_path(
         v1.StudyInstanceUID, v1.SeriesInstanceUID, v1.SOPInstanceUID
     )
+
+
+def test_a_temporary_file_that_cannot_be_written_is_answered_out_of_resources_and_leaves_nothing(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    ds = ct()
+    restore = _crash_once(ingestor.spool, "write_temp_file", after=False)
+    assert ingestor.store(request(ds, tmp_path)).Status == status.OUT_OF_RESOURCES
+    restore()
+    assert rows(engine) == []
+    assert list(ingestor.spool.tmp_dir.iterdir()) == []
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    assert_rows_name_their_bytes(engine)
+
+
+def test_refused_and_duplicate_instances_leave_no_temporary_file(
+    ingestor: Ingestor, tmp_path: Path
+) -> None:
+    ds = ct()
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    bad = request(ds, tmp_path, sop_instance_uid=generate_uid())
+    assert ingestor.store(bad).Status == status.SOP_INSTANCE_MISMATCH
+    assert list(ingestor.spool.tmp_dir.iterdir()) == []
+
+
+def test_a_closed_ingestor_answers_out_of_resources(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    ingestor.close()
+    assert ingestor.store(request(ct(), tmp_path)).Status == status.OUT_OF_RESOURCES
+    assert rows(engine) == []
+
+
+def test_each_study_is_audited_as_received_once_across_instances_and_receivers(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    first = ct()
+    other_process = Ingestor(ingestor.spool, engine, min_free_bytes=0)
+    try:
+        for receiver in (ingestor, other_process, ingestor):
+            ds = ct(like=first)
+            ds.SOPInstanceUID = generate_uid()
+            assert receiver.store(request(ds, tmp_path)).Status == status.SUCCESS
+    finally:
+        other_process.close()
+    with engine.connect() as conn:
+        events = conn.execute(
+            select(AuditEvent.study_uid).where(AuditEvent.event == audit.STUDY_RECEIVED)
+        ).scalars()
+        assert list(events) == [first.StudyInstanceUID]
 
 
 def test_series_uid_reused_in_another_study_is_refused(
