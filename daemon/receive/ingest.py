@@ -58,6 +58,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Engine, bindparam, text, update
 from sqlalchemy.exc import (
     IntegrityError,
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 
 SPACE_WARNING_INTERVAL = 60.0
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Values longer than this (pixel data) are skipped, not read, when a dataset is checked.
+DEFER_BYTES = 4096
 # What pydicom raises on bytes it cannot read as a dataset.
 PARSE_ERRORS = (
     InvalidDicomError,
@@ -177,25 +180,48 @@ def response(code: int, comment: str | None = None) -> Dataset:
     return rsp
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
+def _text(ds: Dataset, tag: int) -> str | None:
+    """An ASCII value (UI, CS) as sent, padding removed; read from the raw bytes when it can."""
+    if tag not in ds:
         return None
-    text = str(value).strip().rstrip("\x00").strip()
-    return text or None
+    raw = ds.get_item(tag)
+    value = raw.value
+    if isinstance(value, bytes):  # not yet converted: skip pydicom's conversion and checks
+        text = value.decode("latin-1")
+    else:
+        text = "" if value is None else str(value)
+    return text.strip().rstrip("\x00").strip() or None
+
+
+def _read(data: bytes) -> Dataset:
+    """The dataset, pixel data left unread; EOFError when the stream is cut short."""
+    stream = io.BytesIO(data)
+    ds = dcmread(stream, force=True, defer_size=DEFER_BYTES)
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        # Inflated into a buffer of pydicom's own, where a deferred value's end is not ours
+        # to check: read it whole.
+        ds = dcmread(io.BytesIO(data), force=True)
+    elif stream.tell() > len(data):
+        raise EOFError(f"stream ends {stream.tell() - len(data)} bytes before its last value")
+    _check_complete(ds)
+    return ds
 
 
 def read_identifiers(data: bytes) -> Identifiers:
     """The UIDs (and a little series metadata) of an encoded Part 10 stream, or Refused."""
     try:
-        ds = dcmread(io.BytesIO(data), force=True)
-        _check_complete(ds)
+        ds = _read(data)
         uids = {
-            kw: _text(ds, kw)
-            for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+            kw: _text(ds, tag)
+            for kw, tag in (
+                ("StudyInstanceUID", 0x0020000D),
+                ("SeriesInstanceUID", 0x0020000E),
+                ("SOPInstanceUID", 0x00080018),
+                ("SOPClassUID", 0x00080016),
+            )
         }
-        modality = _text(ds, "Modality")
-        body_part = _text(ds, "BodyPartExamined")
+        modality = _text(ds, 0x00080060)
+        body_part = _text(ds, 0x00180015)
     except PARSE_ERRORS as exc:
         raise Refused(
             status.CANNOT_PARSE_DATASET,

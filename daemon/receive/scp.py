@@ -28,7 +28,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from daemon.config import Settings
@@ -38,6 +38,7 @@ from daemon.metrics import Metrics
 from daemon.receive import status
 from daemon.receive.commitment import add_commitment_context, handle_commitment_report
 from daemon.receive.ingest import Ingestor, Request
+from daemon.receive.transport import ReceiverRequestHandler
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -103,37 +104,6 @@ def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         ctx.load_verify_locations(str(tls.ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-MIN_PDU_LIMIT = 2**20  # A-ASSOCIATE-RQ PDUs are not bound by the maximum PDU length
-
-
-def pdu_limit(max_pdu: int) -> int:
-    """The longest PDU body we agree to read: our maximum PDU length (0: unlimited, then 64 MiB)."""
-    return max(max_pdu, MIN_PDU_LIMIT) if max_pdu else 64 * 2**20
-
-
-class _BoundedRequestHandler(RequestHandler):
-    """Cuts a connection off when a peer announces a PDU longer than we accept.
-
-    pynetdicom reads whatever length the PDU header announces (up to 4 GiB) before anything
-    looks at it, so one client could make the receiver hold gigabytes. An OSError from the
-    socket is pynetdicom's "transport connection closed": the association ends, nothing kept.
-    """
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        limit = pdu_limit(self.ae.maximum_pdu_size)
-        read = sock.recv
-
-        def bounded_recv(nr_bytes: int) -> bytearray:
-            if nr_bytes > limit:
-                raise OSError(f"PDU of {nr_bytes} bytes is longer than the {limit} we accept")
-            return read(nr_bytes)
-
-        sock.recv = bounded_recv  # type: ignore[method-assign]
-        return assoc
 
 
 class _ReusePortServer(ThreadedAssociationServer):
@@ -242,7 +212,7 @@ class _Listener:
             evt_handlers=handlers,
             ssl_context=_server_ssl_context(settings),
             server_class=server_class,
-            request_handler=_BoundedRequestHandler,
+            request_handler=ReceiverRequestHandler,
         )
         ae._servers.append(self.server)
         self.port: int = self.server.server_address[1]

@@ -105,6 +105,14 @@ def test_truncated_stream_cannot_be_parsed(tmp_path: Path) -> None:
     assert err.value.code == status.CANNOT_PARSE_DATASET
 
 
+def test_deflated_stream_is_read_whole_and_refused_when_truncated() -> None:
+    data = Path(str(get_testdata_file("image_dfl.dcm", download=False))).read_bytes()
+    assert read_identifiers(data).sop_instance_uid
+    with pytest.raises(Refused) as err:
+        read_identifiers(data[:-100])
+    assert err.value.code == status.CANNOT_PARSE_DATASET
+
+
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
 def test_missing_uid_is_refused(tmp_path: Path, keyword: str) -> None:
     ds = ct()
