@@ -2,20 +2,25 @@
 
 pynetdicom's DUL reactor polls: it checks its socket, and when nothing came it sleeps a
 millisecond and looks again, and it reads each PDU 4 KiB at a time. A C-STORE's last PDU
-therefore waits up to a millisecond before anything handles it, and a 512 KiB image costs
-128 reads. `ReceiverSocket` makes the reactor's wait a `select` on the socket (it returns
-the moment data arrives, and still every millisecond at most, so the reactor keeps checking
-its timers and outgoing queue as before), reads each PDU with as few `recv_into` calls as
+and its response therefore each wait up to a millisecond, and a 512 KiB image costs 128
+reads. `ReceiverSocket` makes the reactor's wait a `select` on the socket and on a wake-up
+socket that the association's outgoing queue (`WakingQueue`) pokes, so the reactor moves
+the moment data arrives or a response is queued (and still every millisecond at most, so
+it keeps checking its timers as before); it reads each PDU with as few `recv_into` calls as
 the kernel allows, and refuses a PDU longer than we agreed to take.
 
-Written against pynetdicom 3.0: `AssociationSocket.ready` and `.recv`, and
-`DULServiceProvider._run_loop_delay` (the sleep between idle reactor loops).
+Written against pynetdicom 3.0: `AssociationSocket.ready`, `.recv` and `._shutdown_socket`
+(which `close`, abort and the peer's closing after a release all call), and the
+DUL's `to_provider_queue` and `_run_loop_delay` (the sleep between idle reactor loops).
 """
 
 from __future__ import annotations
 
+import queue
 import select
+import socket
 import ssl
+from typing import Any, cast
 
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -34,6 +39,23 @@ def pdu_limit(max_pdu: int) -> int:
     return max(max_pdu, MIN_PDU_LIMIT) if max_pdu else UNLIMITED_PDU_LIMIT
 
 
+class WakingQueue(queue.Queue[Any]):
+    """The DUL's outgoing queue: each put wakes the reactor waiting in `ReceiverSocket.ready`."""
+
+    def __init__(self, wake: socket.socket) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        try:
+            self._wake.send(b"\0")
+        except BlockingIOError:
+            pass  # bytes already waiting: the reactor is awake
+        except OSError:
+            pass  # the association has closed its sockets; nothing waits any more
+
+
 class ReceiverSocket(AssociationSocket):
     """An acceptor's socket that waits for data instead of sleeping, and reads PDUs whole.
 
@@ -42,21 +64,31 @@ class ReceiverSocket(AssociationSocket):
     """
 
     limit: int = UNLIMITED_PDU_LIMIT
+    woken_by: socket.socket
+    wake: socket.socket
 
     @property
     def ready(self) -> bool:
-        """Whether data can be read, waiting up to READY_WAIT for some to arrive."""
+        """Whether data can be read, waiting up to READY_WAIT for it or for a queued send."""
         sock = self.socket
         if sock is None or self._is_connected is False:
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes that select cannot see
         try:
-            readable, _, _ = select.select([sock], [], [], READY_WAIT)
+            readable, _, _ = select.select([sock, self.woken_by], [], [], READY_WAIT)
         except (OSError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        return bool(readable)
+        if self.woken_by in readable:
+            self.woken_by.recv(4096)
+        return sock in readable
+
+    def _shutdown_socket(self) -> None:
+        """Close the connection and the wake-up sockets (every way pynetdicom ends one)."""
+        super()._shutdown_socket()
+        self.woken_by.close()
+        self.wake.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read `nr_bytes` (fewer when the peer closes); OSError for a PDU over the limit.
@@ -83,15 +115,28 @@ class ReceiverSocket(AssociationSocket):
         return data
 
 
+def make_prompt(assoc: Association, max_pdu: int) -> ReceiverSocket:
+    """Give an acceptor pynetdicom made, before it starts, a `ReceiverSocket` and a waking queue."""
+    sock = assoc.dul.socket
+    if sock is None:
+        raise OSError("connection closed before the association started")
+    woken_by, wake = socket.socketpair()
+    woken_by.setblocking(False)
+    wake.setblocking(False)
+    sock.__class__ = ReceiverSocket
+    prompt = cast(ReceiverSocket, sock)
+    prompt.limit = pdu_limit(max_pdu)
+    prompt.woken_by, prompt.wake = woken_by, wake
+    # Nothing has been queued yet, and pynetdicom always reaches the queue through the DUL.
+    assoc.dul.to_provider_queue = WakingQueue(wake)
+    assoc.dul._run_loop_delay = IDLE_SLEEP
+    return prompt
+
+
 class ReceiverRequestHandler(RequestHandler):
-    """pynetdicom's connection handler, giving each association a `ReceiverSocket`."""
+    """pynetdicom's connection handler, making each association prompt (`make_prompt`)."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if sock is None:
-            raise OSError("connection closed before the association started")
-        sock.__class__ = ReceiverSocket
-        sock.limit = pdu_limit(self.ae.maximum_pdu_size)
-        assoc.dul._run_loop_delay = IDLE_SLEEP
+        make_prompt(assoc, self.ae.maximum_pdu_size)
         return assoc

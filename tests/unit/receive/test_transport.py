@@ -1,0 +1,130 @@
+"""The receiver's transport: PDUs read whole and bounded, a reactor woken by data or a reply."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.transport import AssociationSocket
+
+from daemon.receive.transport import (
+    MIN_PDU_LIMIT,
+    UNLIMITED_PDU_LIMIT,
+    ReceiverRequestHandler,
+    ReceiverSocket,
+    make_prompt,
+    pdu_limit,
+)
+from tests.peers import free_port
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[Association, ReceiverSocket, socket.socket]]:
+    """An acceptor made prompt on one end of a socket pair; the test is the peer."""
+    ours, peer = socket.socketpair()
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assoc.set_socket(AssociationSocket(assoc, client_socket=ours))
+    sock = make_prompt(assoc, max_pdu=MIN_PDU_LIMIT)
+    yield assoc, sock, peer
+    sock._shutdown_socket()
+    peer.close()
+
+
+def test_pdu_limit_is_the_maximum_pdu_length_but_never_below_an_association_request() -> None:
+    assert pdu_limit(16384) == MIN_PDU_LIMIT
+    assert pdu_limit(4 * MIN_PDU_LIMIT) == 4 * MIN_PDU_LIMIT
+    assert pdu_limit(0) == UNLIMITED_PDU_LIMIT
+
+
+def test_a_pdu_sent_in_pieces_is_read_whole(
+    connection: tuple[Association, ReceiverSocket, socket.socket],
+) -> None:
+    _, sock, peer = connection
+    body = os.urandom(300_000)
+
+    def send_in_pieces() -> None:
+        for start in range(0, len(body), 7000):
+            peer.sendall(body[start : start + 7000])
+
+    sender = threading.Thread(target=send_in_pieces)
+    sender.start()
+    assert sock.recv(len(body)) == body
+    sender.join()
+
+
+def test_a_peer_closing_mid_pdu_gives_the_bytes_that_came(
+    connection: tuple[Association, ReceiverSocket, socket.socket],
+) -> None:
+    _, sock, peer = connection
+    peer.sendall(b"x" * 100)
+    peer.close()
+    assert sock.recv(1000) == bytearray(b"x" * 100)
+
+
+def test_a_pdu_longer_than_we_accept_is_refused_before_it_is_read(
+    connection: tuple[Association, ReceiverSocket, socket.socket],
+) -> None:
+    _, sock, _ = connection
+    with pytest.raises(OSError, match="longer than"):
+        sock.recv(MIN_PDU_LIMIT + 1)
+
+
+def test_the_reactor_sees_incoming_data_and_wakes_for_a_queued_reply(
+    connection: tuple[Association, ReceiverSocket, socket.socket],
+) -> None:
+    assoc, sock, peer = connection
+    assert sock.ready is False  # nothing came within the wait
+    assoc.dul.to_provider_queue.put("a reply")
+    assert sock.ready is False  # woken, but nothing to read: the reactor goes to its queue
+    assert assoc.dul.to_provider_queue.get(False) == "a reply"
+    peer.sendall(b"\x07")
+    assert sock.ready is True
+
+
+def test_ending_the_connection_closes_the_wake_up_sockets(
+    connection: tuple[Association, ReceiverSocket, socket.socket],
+) -> None:
+    assoc, sock, _ = connection
+    sock._shutdown_socket()
+    assert sock.woken_by.fileno() == sock.wake.fileno() == -1
+    assoc.dul.to_provider_queue.put("late reply")  # no error: nothing waits any more
+
+
+def test_associations_leave_no_open_descriptors_behind() -> None:
+    """Associations through the real server end without waiting for a garbage collection."""
+    ae = AE(ae_title="PROMPT")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax)
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.make_server(
+        ("127.0.0.1", port),
+        evt_handlers=[(evt.EVT_C_ECHO, lambda event: 0x0000)],
+        request_handler=ReceiverRequestHandler,
+    )
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        scu.add_requested_context(CTImageStorage)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            assoc = scu.associate("127.0.0.1", port, ae_title="PROMPT")
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        deadline = time.monotonic() + 5.0  # the acceptors end a moment after the release
+        while len(os.listdir("/proc/self/fd")) > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        server.shutdown()
