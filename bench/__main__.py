@@ -45,7 +45,8 @@ SIZES = {False: {"one": "1 sender, 200 slices", "four": "4 senders x 100 slices"
                  "inference": "inference, 200 slices"},
          True: {"one": "1 sender, 50 slices", "four": "4 senders x 25 slices",
                 "inference": "inference, 50 slices"}}
-PEERS = {"storescp": "storescp --fork", "orthanc": "Orthanc", "ceiling": "fsync ceiling"}
+PEERS = {"storescp": "storescp --fork", "orthanc": "Orthanc", "ceiling": "fsync ceiling",
+         "ceiling-prompt": "fsync ceiling on pacs-ai's transport"}
 
 
 def run_bench(name: str, quick: bool) -> tuple[int, str, float]:

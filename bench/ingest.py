@@ -1,16 +1,20 @@
 """Ingest benchmark: DCMTK storescu into pacs-ai's Receiver and its peers, in one run.
 
-    python -m bench.ingest [--repeats 3] [--slices 200] [--processes 2] [--max-pdu 262144]
+    python -m bench.ingest [--repeats 3] [--slices 200] [--processes 1] [--four-processes N]
+                           [--max-pdu 262144]
 
 Targets, each fresh (new storage, new port) for every repeat:
 
 - ``pacs-ai``: `daemon.receive.Receiver`, SQLite (WAL, synchronous=FULL), file and directory
-  fsync'd before each acknowledgement.
+  fsync'd before each acknowledgement; ``[dicom] processes`` = 1 for one sender and one per
+  CPU for four (its best configuration for each: a second process only helps parallel senders).
 - ``storescp``: DCMTK ``/usr/bin/storescp --fork`` (writes files, no fsync).
 - ``orthanc``: ``/usr/sbin/Orthanc`` with a temporary JSON config (SyncStorageArea on, its
   default), any AE allowed, HTTP bound to loopback without authentication.
 - ``ceiling``: a minimal pynetdicom SCP in one process that only writes and fsyncs each file
   and its directory (the most a one-process pynetdicom receiver can do).
+- ``ceiling-prompt``: the same over pacs-ai's transport (`daemon.receive.transport`: the
+  reactor waits on the socket instead of sleeping), i.e. what pacs-ai's own work costs.
 
 DCMTK and Orthanc get ``TCP_NODELAY=1`` in their environment (their best configuration; the
 Debian default stalls ~44 ms per instance, measured once here as information). storescu
@@ -250,11 +254,16 @@ def orthanc(work: Path, nodelay: bool = True) -> Iterator[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def ceiling(work: Path, max_pdu: int) -> Iterator[tuple[int, str]]:
-    """pynetdicom, one process, writing and fsyncing each file and its directory: no more."""
+def ceiling(work: Path, max_pdu: int, prompt: bool = False) -> Iterator[tuple[int, str]]:
+    """pynetdicom, one process, writing and fsyncing each file and its directory: no more.
+
+    With `prompt`, over pacs-ai's transport (daemon.receive.transport) instead of pynetdicom's.
+    """
     from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.transport import RequestHandler
 
     from daemon.receive.scp import TRANSFER_SYNTAXES, configure_pynetdicom
+    from daemon.receive.transport import ReceiverRequestHandler
     from daemon.spool import fsync_dir
 
     configure_pynetdicom()
@@ -276,9 +285,13 @@ def ceiling(work: Path, max_pdu: int) -> Iterator[tuple[int, str]]:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    server = ae.make_server(
+        ("127.0.0.1", port),
+        evt_handlers=[(evt.EVT_C_STORE, handle)],
+        request_handler=ReceiverRequestHandler if prompt else RequestHandler,
     )
+    ae._servers.append(server)  # what start_server does, so shutdown finds it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield port, SCP_AET
     finally:
@@ -310,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--sender-slices", type=int, default=100)
-    parser.add_argument("--processes", type=int, default=1, help="pacs-ai [dicom] processes")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="pacs-ai [dicom] processes, one sender"
+    )
+    parser.add_argument(
+        "--four-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="pacs-ai [dicom] processes, parallel senders (default: one per CPU)",
+    )
     parser.add_argument("--max-pdu", type=int, default=262144, help="pacs-ai [dicom] max_pdu")
     parser.add_argument("--no-defaults", action="store_true", help="skip the Nagle-on figures")
     parser.add_argument("--only", default="", help="comma list of targets to run")
@@ -334,14 +355,17 @@ def main(argv: list[str] | None = None) -> int:
             f"ingest benchmark: {args.slices} x 512x512 CT ({size_mb:.0f} MB) by one storescu, "
             f"then {args.senders} storescu at once x {args.sender_slices} slices; "
             f"median of {args.repeats}; {os.cpu_count()} CPUs; pacs-ai processes="
-            f"{args.processes} max_pdu={args.max_pdu}",
+            f"{args.processes} (one sender), {args.four_processes} (parallel) "
+            f"max_pdu={args.max_pdu}",
             flush=True,
         )
+        processes = {"one": args.processes, "four": args.four_processes}
         targets: dict[str, Target] = {
-            "pacs-ai": lambda w: pacs_ai(w, args.processes, args.max_pdu),
+            "pacs-ai": lambda w: pacs_ai(w, processes[label], args.max_pdu),
             "orthanc": lambda w: orthanc(w),
             "storescp --fork": lambda w: storescp(w),
             "ceiling": lambda w: ceiling(w, args.max_pdu),
+            "ceiling-prompt": lambda w: ceiling(w, args.max_pdu, prompt=True),
         }
         if args.only:
             wanted = set(args.only.split(","))
@@ -350,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, batches in (("one", one), ("four", many)):
             print(f"{label} sender(s):", flush=True)
             for name, target in targets.items():
-                if label == "four" and name == "ceiling":
+                if label == "four" and name.startswith("ceiling"):
                     continue
                 results[(label, name)] = measure(name, target, batches, args.repeats, root)
         if not args.no_defaults and not args.only:
