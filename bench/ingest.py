@@ -1,6 +1,6 @@
 """Ingest benchmark: DCMTK storescu into pacs-ai's Receiver and its peers, in one run.
 
-    python -m bench.ingest [--repeats 3] [--slices 200] [--processes 1] [--four-processes N]
+    python -m bench.ingest [--repeats 5] [--slices 200] [--processes 1] [--four-processes N]
                            [--max-pdu 262144]
 
 Targets, each fresh (new storage, new port) for every repeat:
@@ -319,7 +319,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--sender-slices", type=int, default=100)
