@@ -135,6 +135,9 @@ class WorkerSettings(_Section):
     count: int = Field(default=1, ge=0, le=64)
     lease_seconds: float = Field(default=120.0, gt=0)
     poll_seconds: float = Field(default=0.2, gt=0)
+    # Added to the workers' nice value: senders wait on the receiver's answers, nobody waits
+    # on a worker by the millisecond, so analysis yields the CPU when both want it.
+    nice: int = Field(default=10, ge=0, le=19)
 
 
 class ModelSettings(_Section):

@@ -226,6 +226,7 @@ def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, le
     """Entry point of a spawned pool worker."""
     setup_logging(level)
     settings = Settings(**settings_data)
+    os.nice(settings.workers.nice)  # before TensorFlow starts its threads: they inherit it
     stopping = threading.Event()
     _install_signals(stopping)
     ctx = _context_or_exit(settings, f"w{index}")
@@ -243,6 +244,7 @@ def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, le
 
 def run_standalone(settings: Settings) -> int:
     """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
+    os.nice(settings.workers.nice)
     stopping = threading.Event()
     _install_signals(stopping)
     ctx = _context_or_exit(settings, "standalone")

@@ -119,31 +119,6 @@ def lease_pid(job: Any) -> int:
     return int(str(job.lease_owner).split(":")[1])
 
 
-def children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (every thread's children, from /proc)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(p) for p in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
-
-
-def worker_pids(daemon: Daemon) -> list[int]:
-    """The pool's spawned worker processes (not multiprocessing's resource tracker)."""
-    assert daemon.proc is not None
-    pids = []
-    for pid in children(daemon.proc.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except FileNotFoundError:
-            continue
-        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            pids.append(pid)
-    return pids
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of a process (VmRSS, KiB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     EnhancedSRStorage,
 )
 
-from tests.daemon_proc import Daemon, storescu, wait_for
+from tests.daemon_proc import Daemon, storescu, wait_for, worker_pids
 from tests.interop.conftest import daemon_config
 from tests.peers import Modality, Orthanc, RecordingSCP, require_dcmtk, require_orthanc
 from tests.reliability import harness as h
@@ -186,7 +186,7 @@ def test_worker_killed_during_analysis_is_restarted_and_the_study_reported_once(
                 lambda: h.running_job(engine, "analyse"), 120, "the analyse job running", 0.02
             )
             victim = h.lease_pid(job)
-            assert victim in h.worker_pids(daemon)
+            assert victim in worker_pids(daemon)
             h.sigkill(victim)
             held = h.jobs(engine, "analyse")[0]
             assert (held.state, held.lease_owner) == ("running", job.lease_owner), (
@@ -194,7 +194,7 @@ def test_worker_killed_during_analysis_is_restarted_and_the_study_reported_once(
             )
 
             wait_for(
-                lambda: [p for p in h.worker_pids(daemon) if p != victim],
+                lambda: [p for p in worker_pids(daemon) if p != victim],
                 120,
                 "the pool to start a new worker",
             )

@@ -20,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, EnhancedSRStorage
 
 from daemon.spool import TMP_DIR
-from tests.daemon_proc import Daemon, wait_for
+from tests.daemon_proc import Daemon, wait_for, worker_pids
 from tests.interop.conftest import daemon_config
 from tests.peers import RecordingSCP
 from tests.reliability import harness as h
@@ -52,7 +52,7 @@ def _settled(engine: Any) -> bool:
 def _rss(daemon: Daemon) -> dict[int, int]:
     """VmRSS (KiB) of `serve` and of each pool worker, by pid."""
     assert daemon.proc is not None
-    pids = [daemon.proc.pid, *h.worker_pids(daemon)]
+    pids = [daemon.proc.pid, *worker_pids(daemon)]
     return {pid: h.rss_kib(pid) for pid in pids}
 
 

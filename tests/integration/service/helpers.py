@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from daemon.db.engine import make_engine
 from daemon.db.schema import Instance, Job
-from tests.daemon_proc import STORESCU
+from tests.daemon_proc import STORESCU, children
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,22 +104,6 @@ class NotifySocket:
 
 
 # Processes -----------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of `pid`, from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the parent pid; the command name (field 2) may hold spaces.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
 
 
 def _listening_inodes(port: int) -> set[str]:
