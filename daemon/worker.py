@@ -225,38 +225,33 @@ def _context_or_exit(settings: Settings, name: str) -> WorkerContext:
 def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, level: str) -> None:
     """Entry point of a spawned pool worker."""
     setup_logging(level)
-    settings = Settings(**settings_data)
-    os.nice(settings.workers.nice)  # before TensorFlow starts its threads: they inherit it
-    stopping = threading.Event()
-    _install_signals(stopping)
-    ctx = _context_or_exit(settings, f"w{index}")
-    handlers = load_handlers()
-    # Logged before the parent is told, so the line precedes READY=1 in serve's log.
-    log.info("worker ready", extra=kv(worker=index, owner=ctx.owner))
-    ready.set()
-    try:
-        work_loop(ctx, handlers, stopping)
-    except ColdShutdown:
-        log.warning("worker stopped at once", extra=kv(worker=index))
-    finally:
-        ctx.engine.dispose()
+    # The parent is told after "worker ready" is logged, so the line precedes READY=1.
+    _serve_jobs(Settings(**settings_data), f"w{index}", ready.set, worker=index)
 
 
 def run_standalone(settings: Settings) -> int:
     """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
-    os.nice(settings.workers.nice)
+    _serve_jobs(settings, "standalone", lambda: None)
+    return 0
+
+
+def _serve_jobs(
+    settings: Settings, name: str, on_ready: Callable[[], None], **labels: Any
+) -> None:
+    """Yield the CPU to the receiver, load the models, say so, then run jobs until stopped."""
+    os.nice(settings.workers.nice)  # before TensorFlow starts its threads: they inherit it
     stopping = threading.Event()
     _install_signals(stopping)
-    ctx = _context_or_exit(settings, "standalone")
+    ctx = _context_or_exit(settings, name)
     handlers = load_handlers()
-    log.info("worker ready", extra=kv(owner=ctx.owner))
+    log.info("worker ready", extra=kv(**labels, owner=ctx.owner))
+    on_ready()
     try:
         work_loop(ctx, handlers, stopping)
     except ColdShutdown:
-        log.warning("worker stopped at once")
+        log.warning("worker stopped at once", extra=kv(**labels))
     finally:
         ctx.engine.dispose()
-    return 0
 
 
 class WorkerPool:
