@@ -178,14 +178,22 @@ def _crash_once(target: Any, name: str, after: bool) -> Callable[[], None]:
     return lambda: setattr(target, name, original)
 
 
-def test_crash_after_rename_before_commit_leaves_an_unnamed_file_replaced_by_the_resend(
-    ingestor: Ingestor, engine: Engine, tmp_path: Path
+@pytest.mark.parametrize(
+    ("step", "after"),
+    [
+        ("write_temp_file", False),  # the temporary file could not be written
+        ("sync_dirs", True),  # renamed into place, a file that no row names
+    ],
+)
+def test_a_failure_before_the_commit_answers_out_of_resources_and_the_resend_is_stored_once(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path, step: str, after: bool
 ) -> None:
     ds = ct()
-    restore = _crash_once(ingestor.spool, "sync_dirs", after=True)
+    restore = _crash_once(ingestor.spool, step, after=after)
     assert ingestor.store(request(ds, tmp_path)).Status == status.OUT_OF_RESOURCES
     restore()
     assert rows(engine) == []
+    assert list(ingestor.spool.tmp_dir.iterdir()) == []
     assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
     assert len(rows(engine)) == 1
     assert_rows_name_their_bytes(engine)
@@ -222,19 +230,6 @@ def test_crash_during_changed_resend_never_loses_or_mislabels_the_older_bytes(
     assert Path(new.path) == ingestor.spool.instance_path(
         v1.StudyInstanceUID, v1.SeriesInstanceUID, v1.SOPInstanceUID
     )
-
-
-def test_a_temporary_file_that_cannot_be_written_is_answered_out_of_resources_and_leaves_nothing(
-    ingestor: Ingestor, engine: Engine, tmp_path: Path
-) -> None:
-    ds = ct()
-    restore = _crash_once(ingestor.spool, "write_temp_file", after=False)
-    assert ingestor.store(request(ds, tmp_path)).Status == status.OUT_OF_RESOURCES
-    restore()
-    assert rows(engine) == []
-    assert list(ingestor.spool.tmp_dir.iterdir()) == []
-    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
-    assert_rows_name_their_bytes(engine)
 
 
 def test_refused_and_duplicate_instances_leave_no_temporary_file(
