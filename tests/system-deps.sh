@@ -10,6 +10,9 @@ command -v java >/dev/null || need+=(default-jre-headless)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v openssl >/dev/null || need+=(openssl)
+command -v strace >/dev/null || need+=(strace)
+command -v /usr/bin/chromium >/dev/null || need+=(chromium)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 if [ "$(id -u)" != 0 ]; then
