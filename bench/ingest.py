@@ -13,7 +13,7 @@ Targets, each fresh (new storage, new port) for every repeat:
   default), any AE allowed, HTTP bound to loopback without authentication.
 - ``ceiling``: a minimal pynetdicom SCP in one process that only writes and fsyncs each file
   and its directory (the most a one-process pynetdicom receiver can do).
-- ``ceiling-prompt``: the same over pacs-ai's transport (`daemon.receive.transport`: the
+- ``ceiling-prompt``: the same over pacs-ai's transport (`daemon.dicom.transport`: the
   reactor waits on the socket instead of sleeping), i.e. what pacs-ai's own work costs.
 
 DCMTK and Orthanc get ``TCP_NODELAY=1`` in their environment (their best configuration; the
@@ -257,13 +257,12 @@ def orthanc(work: Path, nodelay: bool = True) -> Iterator[tuple[int, str]]:
 def ceiling(work: Path, max_pdu: int, prompt: bool = False) -> Iterator[tuple[int, str]]:
     """pynetdicom, one process, writing and fsyncing each file and its directory: no more.
 
-    With `prompt`, over pacs-ai's transport (daemon.receive.transport) instead of pynetdicom's.
+    With `prompt`, over pacs-ai's transport (daemon.dicom.transport) instead of pynetdicom's.
     """
     from pynetdicom import AE, AllStoragePresentationContexts, evt
-    from pynetdicom.transport import RequestHandler
 
+    from daemon.dicom.network import start_server
     from daemon.receive.scp import TRANSFER_SYNTAXES, configure_pynetdicom
-    from daemon.receive.transport import ReceiverRequestHandler
     from daemon.spool import fsync_dir
 
     configure_pynetdicom()
@@ -284,16 +283,11 @@ def ceiling(work: Path, max_pdu: int, prompt: bool = False) -> Iterator[tuple[in
     ae.maximum_associations = 32
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-    port = free_port()
-    server = ae.make_server(
-        ("127.0.0.1", port),
-        evt_handlers=[(evt.EVT_C_STORE, handle)],
-        request_handler=ReceiverRequestHandler if prompt else RequestHandler,
+    server = start_server(
+        ae, ("127.0.0.1", 0), [(evt.EVT_C_STORE, handle)], prompt=prompt, name="ceiling"
     )
-    ae._servers.append(server)  # what start_server does, so shutdown finds it
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield port, SCP_AET
+        yield server.port, SCP_AET
     finally:
         server.shutdown()
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import __version__
 from daemon.config import ConfigError, Settings, dump_settings, load_settings
+from daemon.db.schema import JobState
 from daemon.logsetup import LEVELS, setup_logging
 
 EXIT_OK = 0
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="jobs_command", required=True, metavar="ACTION"
     )
     p = leaf(jobs, "list", cmd_jobs_list, "list jobs")
-    p.add_argument("--state", choices=["queued", "running", "done", "dead", "cancelled"])
+    p.add_argument("--state", choices=[str(s) for s in JobState])
     p.add_argument("--kind")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")

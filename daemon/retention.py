@@ -23,14 +23,16 @@ from sqlalchemy import Connection, Engine, Row, exists, select, update
 
 from daemon.config import Destination, Settings
 from daemon.db import audit
-from daemon.db.schema import Dispatch, Instance, Job, Report, Study, utcnow
+from daemon.db.deliveries import VERIFY_NONE
+from daemon.db.schema import Dispatch, DispatchState, Instance, Job, JobState, Report, Study, utcnow
 from daemon.logsetup import kv
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
 
 RUN_EVERY_SECONDS = 3600.0
-UNFINISHED_JOB_STATES = ("queued", "running", "dead")
+# A job in one of these may still run (a dead one on an operator's retry).
+UNFINISHED_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +46,9 @@ class Purged:
 
 def confirmed_at(dispatch: Row[Any], destination: Destination) -> dt.datetime | None:
     """When the destination confirmed this SR, or None while it has not."""
-    if dispatch.state == "confirmed":
+    if dispatch.state == DispatchState.CONFIRMED:
         return dispatch.confirmed_at or dispatch.updated_at
-    if dispatch.state == "sent" and destination.verify == "none":
+    if dispatch.state == DispatchState.SENT and destination.verify == VERIFY_NONE:
         return dispatch.sent_at or dispatch.updated_at
     return None
 

@@ -18,7 +18,7 @@ from daemon.assemble import Assembler
 from daemon.config import Settings
 from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
-from daemon.db.schema import Job
+from daemon.db.schema import Job, JobState
 from daemon.logsetup import kv
 from daemon.metrics import (
     Metrics,
@@ -200,9 +200,9 @@ class Service:
                 counts = queue.counts_by_kind_and_state(conn)
         except SQLAlchemyError:
             return "database unreachable"
-        queued = sum(s.get("queued", 0) for s in counts.values())
-        running = sum(s.get("running", 0) for s in counts.values())
-        dead = sum(s.get("dead", 0) for s in counts.values())
+        queued = sum(s.get(JobState.QUEUED, 0) for s in counts.values())
+        running = sum(s.get(JobState.RUNNING, 0) for s in counts.values())
+        dead = sum(s.get(JobState.DEAD, 0) for s in counts.values())
         return f"serving; jobs queued {queued}, running {running}, dead {dead}"
 
     def run_until_stopped(self, signals: _Signals) -> None:

@@ -12,9 +12,19 @@ from sqlalchemy import Connection, Engine, func, select, update
 from daemon import __version__
 from daemon.config import Settings
 from daemon.db import audit, migrate, queue
-from daemon.db.deliveries import CONFIRMED, SENT, VERIFY_NONE
+from daemon.db.deliveries import VERIFY_NONE
 from daemon.db.engine import make_engine
-from daemon.db.schema import Dispatch, Instance, Job, Report, Result, Study, utcnow
+from daemon.db.schema import (
+    Dispatch,
+    DispatchState,
+    Instance,
+    Job,
+    JobState,
+    Report,
+    Result,
+    Study,
+    utcnow,
+)
 
 
 def _engine(settings: Settings) -> Engine:
@@ -62,7 +72,7 @@ def _database_status(conn: Connection) -> dict[str, Any]:
         conn.execute(select(Dispatch.state, func.count()).group_by(Dispatch.state)).all()
     )
     dead = conn.execute(
-        select(Job).where(Job.state == "dead").order_by(Job.updated_at.desc()).limit(10)
+        select(Job).where(Job.state == JobState.DEAD).order_by(Job.updated_at.desc()).limit(10)
     ).all()
     return {
         "studies": count(Study.id),
@@ -85,11 +95,11 @@ def _delivery_counts(conn: Connection, settings: Settings) -> dict[str, int]:
     """Confirmed reports, and sent ones a verifying destination has not confirmed yet."""
     verifying = [d.name for d in settings.destinations if d.verify != VERIFY_NONE]
     confirmed = conn.execute(
-        select(func.count(Dispatch.id)).where(Dispatch.state == CONFIRMED)
+        select(func.count(Dispatch.id)).where(Dispatch.state == DispatchState.CONFIRMED)
     ).scalar_one()
     unconfirmed = conn.execute(
         select(func.count(Dispatch.id)).where(
-            Dispatch.state == SENT, Dispatch.destination.in_(verifying)
+            Dispatch.state == DispatchState.SENT, Dispatch.destination.in_(verifying)
         )
     ).scalar_one()
     return {"confirmed": int(confirmed), "unconfirmed": int(unconfirmed)}
@@ -321,12 +331,22 @@ def _operator_action(
 def operator_retry(settings: Settings, job_id: int) -> bool:
     """Revive a dead job; a dead dispatch row comes back to pending with it."""
     return _operator_action(
-        settings, job_id, queue.retry, ("dead", "cancelled"), "pending", audit.JOB_RETRIED
+        settings,
+        job_id,
+        queue.retry,
+        (DispatchState.DEAD, DispatchState.CANCELLED),
+        DispatchState.PENDING,
+        audit.JOB_RETRIED,
     )
 
 
 def operator_cancel(settings: Settings, job_id: int) -> bool:
     """Cancel a job; its dispatch row, if any, is marked cancelled."""
     return _operator_action(
-        settings, job_id, queue.cancel, ("pending",), "cancelled", audit.JOB_CANCELLED
+        settings,
+        job_id,
+        queue.cancel,
+        (DispatchState.PENDING,),
+        DispatchState.CANCELLED,
+        audit.JOB_CANCELLED,
     )

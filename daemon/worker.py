@@ -20,9 +20,11 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from daemon.config import Settings
-from daemon.context import WorkerContext
+from daemon.context import JobHandler, WorkerContext
 from daemon.db import queue
 from daemon.db.engine import make_engine
+from daemon.db.keys import ANALYSE, DISPATCH, EMBED, REPORT, VERIFY
+from daemon.db.schema import JobState
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.spool import Spool
@@ -36,31 +38,44 @@ class ColdShutdown(BaseException):
     """Raised in the worker's main thread by a second SIGTERM: give the job back now."""
 
 
-Handler = Callable[[WorkerContext, queue.ClaimedJob], None]
-
-
-def load_handlers() -> dict[str, Handler]:
+def load_handlers() -> dict[str, JobHandler]:
     """The job kinds and their handlers; imported late so the parent never loads TensorFlow."""
     from daemon.analyse import run_analyse, run_embed
-    from daemon.dispatch.job import run_dispatch
+    from daemon.dispatch.job import dispatch_id_of, mark_dead, run_dispatch
     from daemon.dispatch.verify import run_verify
     from daemon.report.job import prebuild_report, run_report
 
     def embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         run_embed(ctx, job, functools.partial(prebuild_report, ctx))
 
+    def analysed(ctx: WorkerContext, job: queue.ClaimedJob, seconds: float) -> None:
+        if ctx.metrics is not None:
+            ctx.metrics.analysis_seconds.observe(seconds)
+
     def dispatch(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         run_dispatch(ctx.engine, job, ctx.settings)
+
+    def dispatching(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
+        if ctx.metrics is not None:
+            ctx.metrics.dispatch_attempts.labels(job.payload.get("destination", "")).inc()
+
+    def dispatch_failed(
+        ctx: WorkerContext, job: queue.ClaimedJob, state: JobState | None, error: str
+    ) -> None:
+        if ctx.metrics is not None:
+            ctx.metrics.dispatch_failures.labels(job.payload.get("destination", "")).inc()
+        if state == JobState.DEAD:
+            mark_dead(ctx.engine, dispatch_id_of(job), error)
 
     def verify(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
         run_verify(ctx.engine, job, ctx.settings)
 
     return {
-        "embed": embed,
-        "analyse": run_analyse,
-        "report": run_report,
-        "dispatch": dispatch,
-        "verify": verify,
+        EMBED: JobHandler(embed),
+        ANALYSE: JobHandler(run_analyse, finished=analysed),
+        REPORT: JobHandler(run_report),
+        DISPATCH: JobHandler(dispatch, started=dispatching, failed=dispatch_failed),
+        VERIFY: JobHandler(verify),
     }
 
 
@@ -99,7 +114,7 @@ class _Heartbeat(threading.Thread):
         self.join()
 
 
-def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
+def run_one(ctx: WorkerContext, handlers: dict[str, JobHandler]) -> bool:
     """Claim and run one job; False when nothing was due."""
     job = queue.claim(ctx.engine, ctx.owner, list(handlers), ctx.settings.workers.lease_seconds)
     if job is None:
@@ -108,9 +123,10 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
     beat = _Heartbeat(ctx, job)
     beat.start()
     started = time.monotonic()
-    _observe_start(ctx, job)
+    handler = handlers[job.kind]
+    handler.started(ctx, job)
     try:
-        handlers[job.kind](ctx, job)
+        handler.run(ctx, job)
     except ColdShutdown:
         beat.stop()
         queue.release(ctx.engine, job.id, ctx.owner)
@@ -122,41 +138,32 @@ def run_one(ctx: WorkerContext, handlers: dict[str, Handler]) -> bool:
         return True
     except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
         beat.stop()
-        _record_failure(ctx, job, exc)
+        _record_failure(ctx, job, handler, exc)
         return True
     beat.stop()
-    if ctx.metrics is not None and job.kind == "analyse":
-        ctx.metrics.analysis_seconds.observe(time.monotonic() - started)
-    log.info(
-        "job done",
-        extra=kv(job=job.id, kind=job.kind, seconds=round(time.monotonic() - started, 3)),
-    )
+    seconds = time.monotonic() - started
+    handler.finished(ctx, job, seconds)
+    log.info("job done", extra=kv(job=job.id, kind=job.kind, seconds=round(seconds, 3)))
     return True
 
 
-def _observe_start(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
-    if ctx.metrics is not None and job.kind == "dispatch":
-        ctx.metrics.dispatch_attempts.labels(job.payload.get("destination", "")).inc()
-
-
-def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -> None:
-    if ctx.metrics is not None and job.kind == "dispatch":
-        ctx.metrics.dispatch_failures.labels(job.payload.get("destination", "")).inc()
+def _record_failure(
+    ctx: WorkerContext, job: queue.ClaimedJob, handler: JobHandler, exc: Exception
+) -> None:
     error = f"{type(exc).__name__}: {exc}"
     # Stages mark failures that no retry can mend with `retryable = False`.
     permanent = getattr(exc, "retryable", True) is False
     state = queue.fail(ctx.engine, job.id, ctx.owner, error, ctx.policy, permanent=permanent)
-    level = logging.ERROR if state == "dead" else logging.WARNING
+    level = logging.ERROR if state == JobState.DEAD else logging.WARNING
     log.log(
         level,
         "job failed",
         exc_info=exc,
-        extra=kv(job=job.id, kind=job.kind, attempt=job.attempts, now=state, error=error[:300]),
+        extra=kv(
+            job=job.id, kind=job.kind, attempt=job.attempts, now=state or "lost", error=error[:300]
+        ),
     )
-    if state == "dead" and job.kind == "dispatch":
-        from daemon.dispatch.job import mark_dead
-
-        mark_dead(ctx.engine, int(job.payload["dispatch_id"]), error)
+    handler.failed(ctx, job, state, error)
 
 
 def make_context(settings: Settings, name: str) -> WorkerContext:
@@ -177,7 +184,9 @@ def make_context(settings: Settings, name: str) -> WorkerContext:
     return ctx
 
 
-def work_loop(ctx: WorkerContext, handlers: dict[str, Handler], stopping: threading.Event) -> None:
+def work_loop(
+    ctx: WorkerContext, handlers: dict[str, JobHandler], stopping: threading.Event
+) -> None:
     """Run jobs until `stopping` is set; sleep on the queue's waiter when nothing is due."""
     waiter = queue.JobWaiter(ctx.engine, ctx.settings.workers.poll_seconds)
     try:

@@ -418,7 +418,7 @@ class RecordingSCP:
         self.ssl_context = ssl_context
         self.received: list[tuple[str, str, str]] = []
         self._ae = AE(ae_title=aet)
-        # Non-empty: other calling AE titles are rejected ("calling AE title not recognised").
+        # Non-empty: other calling AE titles are rejected ("calling AE title not recognized").
         self._ae.require_calling_aet = list(calling_aets)
         self._ae.add_supported_context(Verification)
         for uid in sop_classes:

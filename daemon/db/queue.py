@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from daemon.config import RetrySettings
 from daemon.db.engine import is_sqlite
-from daemon.db.schema import Job, utcnow
+from daemon.db.schema import Job, JobState, utcnow
 
 NOTIFY_CHANNEL = "pacs_ai_jobs"
 MAX_ERROR_CHARS = 4000
@@ -87,7 +87,7 @@ def enqueue(
             key=key,
             study_id=study_id,
             payload=payload or {},
-            state="queued",
+            state=JobState.QUEUED,
             attempts=0,
             max_attempts=max_attempts,
             run_after=run_after or now,
@@ -111,7 +111,7 @@ def claim(
     now = utcnow()
     candidate = (
         sa_select(Job.id)
-        .where(Job.state == "queued", Job.run_after <= now, Job.kind.in_(list(kinds)))
+        .where(Job.state == JobState.QUEUED, Job.run_after <= now, Job.kind.in_(list(kinds)))
         .order_by(Job.run_after, Job.id)
         .limit(1)
     )
@@ -122,7 +122,7 @@ def claim(
         update(Job)
         .where(Job.id == candidate.scalar_subquery())
         .values(
-            state="running",
+            state=JobState.RUNNING,
             attempts=Job.attempts + 1,
             lease_owner=owner,
             lease_expires_at=expires,
@@ -152,7 +152,7 @@ def claim(
 
 
 def _owned(job_id: int, owner: str) -> Any:
-    return (Job.id == job_id) & (Job.lease_owner == owner) & (Job.state == "running")
+    return (Job.id == job_id) & (Job.lease_owner == owner) & (Job.state == JobState.RUNNING)
 
 
 def heartbeat(engine: Engine, job_id: int, owner: str, lease_seconds: float) -> bool:
@@ -174,7 +174,7 @@ def complete(conn: Connection, job_id: int, owner: str) -> None:
         update(Job)
         .where(_owned(job_id, owner))
         .values(
-            state="done",
+            state=JobState.DONE,
             lease_owner=None,
             lease_expires_at=None,
             last_error=None,
@@ -194,15 +194,18 @@ def fail(
     policy: RetryPolicy,
     *,
     permanent: bool = False,
-) -> str:
-    """Record a failed attempt: back to the queue after a backoff, or dead; returns the state."""
+) -> JobState | None:
+    """Record a failed attempt: back to the queue after a backoff, or dead.
+
+    Returns the job's new state, or None when the lease had already passed to another owner.
+    """
     now = utcnow()
     with engine.begin() as conn:
         row = conn.execute(
             sa_select(Job.attempts, Job.max_attempts).where(_owned(job_id, owner))
         ).one_or_none()
         if row is None:
-            return "lost"
+            return None
         dead = permanent or row.attempts >= row.max_attempts
         values: dict[str, Any] = {
             "lease_owner": None,
@@ -211,14 +214,14 @@ def fail(
             "updated_at": now,
         }
         if dead:
-            values.update(state="dead", finished_at=now)
+            values.update(state=JobState.DEAD, finished_at=now)
         else:
             values.update(
-                state="queued",
+                state=JobState.QUEUED,
                 run_after=now + dt.timedelta(seconds=policy.delay(row.attempts)),
             )
         conn.execute(update(Job).where(_owned(job_id, owner)).values(**values))
-    return "dead" if dead else "queued"
+    return JobState.DEAD if dead else JobState.QUEUED
 
 
 def release(engine: Engine, job_id: int, owner: str) -> bool:
@@ -229,7 +232,7 @@ def release(engine: Engine, job_id: int, owner: str) -> bool:
             update(Job)
             .where(_owned(job_id, owner))
             .values(
-                state="queued",
+                state=JobState.QUEUED,
                 attempts=Job.attempts - 1,
                 lease_owner=None,
                 lease_expires_at=None,
@@ -246,9 +249,11 @@ def cancel(engine: Engine, job_id: int) -> bool:
     with engine.begin() as conn:
         res = conn.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_(("queued", "running", "dead")))
+            .where(
+                Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING, JobState.DEAD))
+            )
             .values(
-                state="cancelled",
+                state=JobState.CANCELLED,
                 lease_owner=None,
                 lease_expires_at=None,
                 finished_at=now,
@@ -264,8 +269,10 @@ def retry(engine: Engine, job_id: int) -> bool:
     with engine.begin() as conn:
         res = conn.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_(("dead", "cancelled")))
-            .values(state="queued", attempts=0, run_after=now, finished_at=None, updated_at=now)
+            .where(Job.id == job_id, Job.state.in_((JobState.DEAD, JobState.CANCELLED)))
+            .values(
+                state=JobState.QUEUED, attempts=0, run_after=now, finished_at=None, updated_at=now
+            )
         )
         if res.rowcount == 1 and conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_notify(:c, 'retry')"), {"c": NOTIFY_CHANNEL})
@@ -275,21 +282,27 @@ def retry(engine: Engine, job_id: int) -> bool:
 def reap_expired(engine: Engine) -> int:
     """Return jobs whose lease expired (their worker died) to the queue, or bury them."""
     now = utcnow()
-    expired = (Job.state == "running") & (Job.lease_expires_at < now)
+    expired = (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now)
     cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
     with engine.begin() as conn:
         dead = conn.execute(
             update(Job)
             .where(expired & (Job.attempts >= Job.max_attempts))
             .values(
-                state="dead", finished_at=now, last_error="lease expired: worker lost", **cleared
+                state=JobState.DEAD,
+                finished_at=now,
+                last_error="lease expired: worker lost",
+                **cleared,
             )
         ).rowcount
         requeued = conn.execute(
             update(Job)
             .where(expired)
             .values(
-                state="queued", run_after=now, last_error="lease expired: worker lost", **cleared
+                state=JobState.QUEUED,
+                run_after=now,
+                last_error="lease expired: worker lost",
+                **cleared,
             )
         ).rowcount
     return dead + requeued
@@ -305,7 +318,7 @@ def expire_leases_of_dead_owners(engine: Engine, host: str, alive: Callable[[int
     with engine.begin() as conn:
         rows = conn.execute(
             sa_select(Job.id, Job.lease_owner).where(
-                Job.state == "running", Job.lease_owner.like(f"{host}:%")
+                Job.state == JobState.RUNNING, Job.lease_owner.like(f"{host}:%")
             )
         ).all()
         dead = [
@@ -334,7 +347,7 @@ def oldest_queued_age(conn: Connection) -> float | None:
     """Seconds the oldest due job has waited, or None when nothing waits."""
     now = utcnow()
     oldest = conn.execute(
-        sa_select(func.min(Job.run_after)).where(Job.state == "queued", Job.run_after <= now)
+        sa_select(func.min(Job.run_after)).where(Job.state == JobState.QUEUED, Job.run_after <= now)
     ).scalar_one_or_none()
     if oldest is None:
         return None

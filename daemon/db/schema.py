@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any
 
 from sqlalchemy import (
@@ -102,7 +103,14 @@ class Instance(Base):
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-JOB_STATES = ("queued", "running", "done", "dead", "cancelled")
+class JobState(enum.StrEnum):
+    """Where a job is; stored as its text, so rows read back compare equal to a member."""
+
+    QUEUED = "queued"  # due at `run_after` (a failed attempt waits there for its retry)
+    RUNNING = "running"  # leased by a worker
+    DONE = "done"
+    DEAD = "dead"  # out of attempts, or failed for good; an operator may retry it
+    CANCELLED = "cancelled"  # stopped by an operator
 
 
 class Job(Base):
@@ -117,7 +125,7 @@ class Job(Base):
         ForeignKey("studies.id", ondelete="CASCADE"), nullable=True, index=True
     )
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -166,7 +174,14 @@ class Report(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-DISPATCH_STATES = ("pending", "sent", "confirmed", "dead", "cancelled")
+class DispatchState(enum.StrEnum):
+    """Where one report stands with one destination (daemon.db.deliveries has the rules)."""
+
+    PENDING = "pending"  # to be sent (again)
+    SENT = "sent"  # the destination took it; confirmed or not yet, per its `verify`
+    CONFIRMED = "confirmed"  # the destination proved it keeps it
+    DEAD = "dead"  # its dispatch job gave up
+    CANCELLED = "cancelled"  # its dispatch job was cancelled by an operator
 
 
 class Dispatch(Base):
@@ -177,7 +192,7 @@ class Dispatch(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DispatchState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_sop_class_uid: Mapped[str | None] = mapped_column(UID, nullable=True)

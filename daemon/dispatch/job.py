@@ -16,8 +16,9 @@ from daemon.config import ConfigError, Destination, Settings
 from daemon.db import audit, queue
 from daemon.db.keys import DISPATCH
 from daemon.db.queue import ClaimedJob
-from daemon.db.schema import Dispatch, Report, Study, utcnow
-from daemon.dispatch.scu import ScuOptions, SendOutcome, send_file
+from daemon.db.schema import Dispatch, DispatchState, Report, Study, utcnow
+from daemon.dicom.network import AssociationOptions
+from daemon.dispatch.scu import SendOutcome, send_file
 from daemon.dispatch.verify import enqueue_verify, new_transaction_uid
 from daemon.logsetup import kv
 
@@ -26,16 +27,10 @@ log = logging.getLogger(__name__)
 JOB_KIND = DISPATCH  # its key: daemon.db.keys.dispatch_key(dispatch_id)
 PAYLOAD_KEY = "dispatch_id"
 
-# Dispatch row states (daemon.db.schema.DISPATCH_STATES).
-PENDING = "pending"
-SENT = "sent"
-CONFIRMED = "confirmed"
-DEAD = "dead"
-CANCELLED = "cancelled"
 # A job for a row in these states has nothing left to send: it completes at once.
-FINISHED_STATES = (SENT, CONFIRMED, CANCELLED)
+FINISHED_STATES = (DispatchState.SENT, DispatchState.CONFIRMED, DispatchState.CANCELLED)
 # States a (re)run sends from: a dead row comes back when an operator retries its job.
-SENDABLE_STATES = (PENDING, DEAD)
+SENDABLE_STATES = (DispatchState.PENDING, DispatchState.DEAD)
 
 
 class DispatchFailed(Exception):
@@ -100,7 +95,7 @@ def run_dispatch(engine: Engine, job: ClaimedJob, settings: Settings) -> None:
         _report_path(row.fallback_path, settings) if row.fallback_path else None,
         destination,
         settings.dicom.ae_title,
-        ScuOptions.from_settings(settings.dicom),
+        AssociationOptions.from_settings(settings.dicom),
     )
     if outcome.ok:
         _record_success(engine, job, dispatch_id, outcome, destination)
@@ -137,7 +132,7 @@ def _record_success(
             update(Dispatch)
             .where(Dispatch.id == dispatch_id)
             .values(
-                state=SENT,
+                state=DispatchState.SENT,
                 sent_at=now,
                 sent_sop_class_uid=outcome.sop_class_uid,
                 last_status=outcome.detail,
@@ -189,7 +184,7 @@ def _record_failure(engine: Engine, dispatch_id: int, status: str) -> None:
             update(Dispatch)
             .where(Dispatch.id == dispatch_id, Dispatch.state.in_(SENDABLE_STATES))
             .values(
-                state=PENDING,
+                state=DispatchState.PENDING,
                 last_status=status,
                 attempts=Dispatch.attempts + 1,
                 updated_at=now,
@@ -200,13 +195,13 @@ def _record_failure(engine: Engine, dispatch_id: int, status: str) -> None:
 def mark_dead(engine: Engine, dispatch_id: int, reason: str | None = None) -> bool:
     """The job gave up: mark the pending row dead so status shows the undelivered report."""
     now = utcnow()
-    values: dict[str, object] = {"state": DEAD, "updated_at": now}
+    values: dict[str, object] = {"state": DispatchState.DEAD, "updated_at": now}
     if reason is not None:
         values["last_status"] = reason
     with engine.begin() as conn:
         res = conn.execute(
             update(Dispatch)
-            .where(Dispatch.id == dispatch_id, Dispatch.state == PENDING)
+            .where(Dispatch.id == dispatch_id, Dispatch.state == DispatchState.PENDING)
             .values(**values)
         )
     return res.rowcount == 1

@@ -17,50 +17,33 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, Comprehensive3DSRStorage, EnhancedSRStorage
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from daemon.config import Destination, DicomSettings, TLSSettings
+from daemon.config import Destination
+from daemon.dicom.network import UNCOMPRESSED, AssociationOptions, client_tls_args
+from daemon.dicom.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    INVALID_SOP_INSTANCE,
+    MISTYPED_ARGUMENT,
+    REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    describe_rejection,
+    is_warning,
+    status_meaning,
+)
 from daemon.logsetup import kv
 from daemon.uids import hashed_uid
 
 log = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-
-# DIMSE statuses (PS3.4 B.2.3, PS3.7 C); ranges are matched by their high byte.
-SUCCESS = 0x0000
-WARNING_COERCION_OF_DATA_ELEMENTS = 0xB000
-WARNING_ELEMENTS_DISCARDED = 0xB006
-WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
-INVALID_SOP_INSTANCE = 0x0117
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-NOT_AUTHORIZED = 0x0124
-MISTYPED_ARGUMENT = 0x0212
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-
-WARNING_MEANINGS = {
-    WARNING_COERCION_OF_DATA_ELEMENTS: "coercion of data elements",
-    WARNING_ELEMENTS_DISCARDED: "elements discarded",
-    WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "data set does not match SOP class",
-}
-FAILURE_MEANINGS = {
-    0x0110: "processing failure",
-    INVALID_SOP_INSTANCE: "invalid SOP instance",
-    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
-    NOT_AUTHORIZED: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    MISTYPED_ARGUMENT: "mistyped argument",
-    0x0213: "resource limitation",
-}
 # Failures the same bytes will meet again: resending cannot help, the report is dead.
 PERMANENT_FAILURES = frozenset({INVALID_SOP_INSTANCE, MISTYPED_ARGUMENT})
 # A store of the main file that failed with one of these tries the fallback file, if accepted.
@@ -78,30 +61,6 @@ NO_CONTEXT = "no-accepted-context"
 BAD_FILE = "bad-file"
 ECHOED = "echoed"
 ECHO_FAILED = "echo-failed"
-
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScuOptions:
-    """Timeouts (seconds) and PDU size for one association; `from_settings` for the daemon's."""
-
-    connect_timeout: float = 10.0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    max_pdu: int = 262144
-
-    @classmethod
-    def from_settings(cls, dicom: DicomSettings) -> ScuOptions:
-        """The `[dicom]` timeouts, so outbound associations wait as long as inbound ones."""
-        return cls(
-            connect_timeout=dicom.acse_timeout,
-            acse_timeout=dicom.acse_timeout,
-            dimse_timeout=dicom.dimse_timeout,
-            network_timeout=dicom.network_timeout,
-            max_pdu=dicom.max_pdu,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +130,7 @@ def enhanced_twin(main: _Candidate) -> _Candidate:
     """
     return _Candidate(
         main.path,
-        UID(ENHANCED_SR),
+        EnhancedSRStorage,
         UID(hashed_uid(["pacs-ai/enhanced-twin/v1", main.sop_instance_uid])),
         main.transfer_syntax,
         relabelled=True,
@@ -194,30 +153,11 @@ def _dataset_to_send(cand: _Candidate) -> Path | Dataset:
     return ds
 
 
-def status_meaning(status: int) -> str:
-    """The standard's name for a C-STORE status, for a log line a PACS admin can act on."""
-    if status == SUCCESS:
-        return "success"
-    if status in WARNING_MEANINGS:
-        return WARNING_MEANINGS[status]
-    if status in FAILURE_MEANINGS:
-        return FAILURE_MEANINGS[status]
-    if status & 0xFF00 == OUT_OF_RESOURCES:
-        return "out of resources"
-    if status & 0xFF00 == DATASET_DOES_NOT_MATCH_SOP_CLASS:
-        return "data set does not match SOP class"
-    if status & 0xF000 == CANNOT_UNDERSTAND:
-        return "cannot understand"
-    if status & 0xF000 == 0xB000:
-        return "warning"
-    return "unknown status"
-
-
 def classify_store_status(status: int) -> tuple[str, bool]:
     """(kind, retryable) for a C-STORE response status: success and warnings count as sent."""
     if status == SUCCESS:
         return SENT, False
-    if status & 0xF000 == 0xB000:
+    if is_warning(status):
         return SENT_WITH_WARNING, False
     if status in PERMANENT_FAILURES:
         return STORE_FAILED, False
@@ -246,34 +186,6 @@ def store_outcome(
     )
 
 
-REJECT_PERMANENT = 0x01
-REJECT_TRANSIENT = 0x02
-REJECT_SOURCES = {
-    1: "service user",
-    2: "service provider (ACSE)",
-    3: "service provider (presentation)",
-}
-# (source, reason) -> meaning, PS3.8 9.3.4.
-REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized",
-    (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
-
-
-def describe_rejection(result: int | None, source: int | None, reason: int | None) -> str:
-    """One line for an A-ASSOCIATE-RJ that names the cause an admin must fix."""
-    kind = "transient" if result == REJECT_TRANSIENT else "permanent"
-    who = REJECT_SOURCES.get(source or 0, f"source {source}")
-    why = REJECT_REASONS.get((source or 0, reason or 0), f"reason {reason}")
-    return f"association rejected ({kind}) by the {who}: {why}"
-
-
 class AssociationWatcher:
     """Records what the association layer saw, since pynetdicom only logs the details."""
 
@@ -295,8 +207,8 @@ class AssociationWatcher:
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         primitive = self.last_acse
         if isinstance(primitive, A_ASSOCIATE) and primitive.result in (
-            REJECT_PERMANENT,
-            REJECT_TRANSIENT,
+            REJECTED_PERMANENT,
+            REJECTED_TRANSIENT,
         ):
             text = describe_rejection(
                 primitive.result, primitive.result_source, primitive.diagnostic
@@ -358,24 +270,9 @@ def _sendable(assoc: Association, cand: _Candidate) -> bool:
     return False
 
 
-def tls_args_for(tls: TLSSettings | None, host: str) -> tuple[ssl.SSLContext, str] | None:
-    """A client TLS context checking the peer against `ca` (or the system CAs)."""
-    if tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
-    context.load_cert_chain(certfile=tls.certificate, keyfile=tls.key)
-    return context, host
-
-
-def make_ae(calling_ae: str, options: ScuOptions) -> AE:
+def make_ae(calling_ae: str, options: AssociationOptions) -> AE:
     """Our SCU's AE with the configured timeouts and PDU size (send, echo and verify share it)."""
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = options.connect_timeout
-    ae.acse_timeout = options.acse_timeout
-    ae.dimse_timeout = options.dimse_timeout
-    ae.network_timeout = options.network_timeout
-    ae.maximum_pdu_size = options.max_pdu
-    return ae
+    return options.apply(AE(ae_title=calling_ae))
 
 
 def _associate(
@@ -386,7 +283,7 @@ def _associate(
 ) -> Association | str:
     """The association, or a one-line reason it could not even be attempted (TLS setup)."""
     try:
-        tls_args = tls_args_for(destination.tls, destination.host)
+        tls_args = client_tls_args(destination.tls, destination.host)
     except (OSError, ssl.SSLError) as exc:
         return f"TLS setup failed for {destination.name}: {exc}"
     return ae.associate(
@@ -435,7 +332,7 @@ def send_file(
     fallback_path: Path | None,
     destination: Destination,
     calling_ae: str,
-    options: ScuOptions | None = None,
+    options: AssociationOptions | None = None,
 ) -> SendOutcome:
     """C-STORE `path` to `destination`; send the fallback instead if only its class is taken.
 
@@ -446,13 +343,13 @@ def send_file(
     Comprehensive 3D SR without one its Enhanced SR twin (`enhanced_twin`). Never raises
     for peer problems.
     """
-    options = options or ScuOptions()
+    options = options or AssociationOptions()
     try:
         main = _read_candidate(path)
         alternate = _read_candidate(fallback_path) if fallback_path is not None else None
     except (OSError, InvalidDicomError) as exc:
         return SendOutcome(False, BAD_FILE, f"cannot read report file: {exc}", retryable=False)
-    if alternate is None and main.sop_class_uid == COMPREHENSIVE_3D_SR:
+    if alternate is None and main.sop_class_uid == Comprehensive3DSRStorage:
         alternate = enhanced_twin(main)
     candidates = [main] if alternate is None else [main, alternate]
 
@@ -517,10 +414,10 @@ def _log_outcome(outcome: SendOutcome, destination: Destination) -> None:
 
 
 def echo(
-    destination: Destination, calling_ae: str, options: ScuOptions | None = None
+    destination: Destination, calling_ae: str, options: AssociationOptions | None = None
 ) -> EchoOutcome:
     """C-ECHO `destination`: is it reachable and does it accept us (CLI `echo`, start-up check)."""
-    options = options or ScuOptions()
+    options = options or AssociationOptions()
     watcher = AssociationWatcher()
     contexts = [build_context(Verification)]
     assoc = _associate(make_ae(calling_ae, options), destination, contexts, watcher)

@@ -41,31 +41,27 @@ from sqlalchemy import Connection, Engine, select, update
 from daemon.config import ConfigError, Destination, Settings
 from daemon.db import queue
 from daemon.db.deliveries import (
-    SENT,
     VERIFY_COMMITMENT,
     VERIFY_FIND,
     VERIFY_NONE,
-    CommitmentReport,
-    MalformedReport,
     apply_commitment_report,
-    commitment_request,
     mark_confirmed,
-    read_commitment_report,
     resend,
 )
 from daemon.db.keys import VERIFY, verify_key
 from daemon.db.queue import ClaimedJob
-from daemon.db.schema import Dispatch, Report, Study, utcnow
-from daemon.dispatch.scu import (
-    NO_CONTEXT,
-    SUCCESS,
-    UNCOMPRESSED,
-    AssociationWatcher,
-    ScuOptions,
-    make_ae,
-    status_meaning,
-    tls_args_for,
+from daemon.db.schema import Dispatch, DispatchState, Report, Study, utcnow
+from daemon.dicom.commitment import (
+    REQUEST_STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentReport,
+    MalformedCommitment,
+    commitment_request,
+    read_commitment_report,
 )
+from daemon.dicom.network import UNCOMPRESSED, AssociationOptions, client_tls_args
+from daemon.dicom.status import FIND_PENDING, SUCCESS, status_meaning
+from daemon.dispatch.scu import NO_CONTEXT, AssociationWatcher, make_ae
 from daemon.logsetup import kv
 
 log = logging.getLogger(__name__)
@@ -79,15 +75,6 @@ SENDS_BEFORE_GIVING_UP = 3
 # How long the N-ACTION association stays open for a report sent on it.
 REPORT_WAIT_SECONDS = 2.0
 REPORT_POLL_SECONDS = 0.05
-
-# Storage Commitment Push Model (PS3.4 J.3): the well-known SOP Instance and the action.
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
-REQUEST_STORAGE_COMMITMENT = 1
-
-# C-FIND pending statuses: each carries one match (PS3.4 C.4.1.1.4).
-PENDING_MATCH = 0xFF00
-PENDING_MATCH_WARNING = 0xFF01
-FIND_PENDING = (PENDING_MATCH, PENDING_MATCH_WARNING)
 
 # Outcome kinds of one verify attempt.
 CONFIRMED = "confirmed"  # committed (event type 1) or found by C-FIND
@@ -201,7 +188,7 @@ class _ReportCollector:
         """EVT_N_EVENT_REPORT handler: record our transaction's report, acknowledge any."""
         try:
             report = read_commitment_report(event.event_type, event.event_information)
-        except MalformedReport as exc:
+        except MalformedCommitment as exc:
             log.warning("unreadable commitment report", extra=kv(error=str(exc)))
             return exc.status, None
         if report.transaction_uid == self._transaction_uid:
@@ -223,7 +210,7 @@ class _ReportCollector:
 def _open(
     destination: Destination,
     calling_ae: str,
-    options: ScuOptions,
+    options: AssociationOptions,
     abstract_syntax: str,
     ext_neg: list[Any],
     handlers: list[tuple[Any, Any]],
@@ -233,7 +220,7 @@ def _open(
     ae.add_requested_context(abstract_syntax, list(UNCOMPRESSED))
     watcher = AssociationWatcher()
     try:
-        tls_args = tls_args_for(destination.tls, destination.host)
+        tls_args = client_tls_args(destination.tls, destination.host)
     except (OSError, ssl.SSLError) as exc:
         return VerifyOutcome(UNREACHABLE, f"TLS setup failed for {destination.name}: {exc}")
     assoc = ae.associate(
@@ -262,7 +249,7 @@ def request_commitment(
     transaction_uid: str,
     instance: SentInstance,
     *,
-    options: ScuOptions | None = None,
+    options: AssociationOptions | None = None,
     wait_seconds: float = REPORT_WAIT_SECONDS,
 ) -> VerifyOutcome:
     """Send the Storage Commitment N-ACTION; wait `wait_seconds` for a report on the association.
@@ -274,7 +261,7 @@ def request_commitment(
     opened = _open(
         destination,
         calling_ae,
-        options or ScuOptions(),
+        options or AssociationOptions(),
         StorageCommitmentPushModel,
         [build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
         [(evt.EVT_N_EVENT_REPORT, collector.on_report)],
@@ -310,13 +297,13 @@ def find_instance(
     calling_ae: str,
     instance: SentInstance,
     *,
-    options: ScuOptions | None = None,
+    options: AssociationOptions | None = None,
 ) -> VerifyOutcome:
     """C-FIND (Study Root, IMAGE level) for the instance; CONFIRMED when the PACS lists it."""
     opened = _open(
         destination,
         calling_ae,
-        options or ScuOptions(),
+        options or AssociationOptions(),
         StudyRootQueryRetrieveInformationModelFind,
         [],
         [],
@@ -390,7 +377,7 @@ def run_verify(
         ).one_or_none()
     if row is None:
         raise VerifyFailed(f"dispatch {payload.dispatch_id} does not exist", retryable=False)
-    if row.state != SENT or row.attempts != payload.send_attempt:
+    if row.state != DispatchState.SENT or row.attempts != payload.send_attempt:
         # Confirmed by a report on another association, or a newer send took over.
         log.info("nothing to verify", extra=kv(dispatch=payload.dispatch_id, state=row.state))
         _complete(engine, job)
@@ -400,7 +387,7 @@ def run_verify(
     except ConfigError as exc:
         raise VerifyFailed(str(exc), retryable=False) from exc
     instance = SentInstance(row.study_uid, payload.sop_class_uid, payload.sop_instance_uid)
-    options = ScuOptions.from_settings(settings.dicom)
+    options = AssociationOptions.from_settings(settings.dicom)
     calling_ae = settings.dicom.ae_title
     if destination.verify == VERIFY_COMMITMENT:
         if not row.transaction_uid:
@@ -500,7 +487,7 @@ def _decide(
         update(Dispatch)
         .where(
             Dispatch.id == dispatch_id,
-            Dispatch.state == SENT,
+            Dispatch.state == DispatchState.SENT,
             Dispatch.attempts == send_attempt,
         )
         .values(verify_attempts=Dispatch.verify_attempts + 1, updated_at=now)

@@ -8,7 +8,7 @@ Transaction UID is then confirmed, or put back to `pending` with one more `dispa
 
 Wiring in the receiver's AE (daemon/receive/scp.py)::
 
-    add_commitment_context(ae)
+    add_commitment_context(ae)  # daemon.dicom.commitment
     handlers.append(
         (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [engine, settings.retry.max_attempts])
     )
@@ -17,46 +17,21 @@ Wiring in the receiver's AE (daemon/receive/scp.py)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom import evt
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from daemon.config import RetrySettings
-from daemon.db.deliveries import (
-    APPLIED_UNKNOWN,
-    MalformedReport,
-    apply_commitment_report,
-    read_commitment_report,
-)
+from daemon.db.deliveries import APPLIED_UNKNOWN, apply_commitment_report
+from daemon.dicom.commitment import MalformedCommitment, read_commitment_report
+from daemon.dicom.status import PROCESSING_FAILURE, SUCCESS
 from daemon.logsetup import kv
 
 log = logging.getLogger(__name__)
 
-# N-EVENT-REPORT response statuses (PS3.7 10.1.1.1.8).
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-
 # Attempts of the `dispatch` job a failure report queues, when the receiver binds none.
 DEFAULT_RESEND_MAX_ATTEMPTS: int = RetrySettings.model_fields["max_attempts"].default
-
-COMMITMENT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
-
-
-def add_commitment_context(
-    ae: AE, transfer_syntaxes: Sequence[str] = COMMITMENT_TRANSFER_SYNTAXES
-) -> None:
-    """Accept Storage Commitment Push Model in either role the PACS proposes.
-
-    The PACS that sends the report is the association requestor but the SCP of the
-    service, so it proposes the SCP role by role selection; without `scp_role=True`
-    pynetdicom would refuse that role and the report could not be sent.
-    """
-    ae.add_supported_context(
-        StorageCommitmentPushModel, list(transfer_syntaxes), scu_role=True, scp_role=True
-    )
 
 
 def handle_commitment_report(
@@ -74,7 +49,7 @@ def handle_commitment_report(
     calling = event.assoc.requestor.ae_title
     try:
         report = read_commitment_report(event.event_type, event.event_information)
-    except MalformedReport as exc:
+    except MalformedCommitment as exc:
         log.warning("unreadable commitment report", extra=kv(calling_ae=calling, error=str(exc)))
         return exc.status, None
     try:

@@ -70,8 +70,8 @@ from sqlalchemy.exc import (
 
 from daemon.db import audit
 from daemon.db.schema import Instance, Study, UTCDateTime
+from daemon.dicom import status
 from daemon.logsetup import kv
-from daemon.receive import status
 from daemon.spool import InvalidUID, Spool, check_uid
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,17 +26,23 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from daemon.config import Settings
 from daemon.db.engine import make_engine
+from daemon.dicom import status
+from daemon.dicom.commitment import add_commitment_context
+from daemon.dicom.network import (
+    POLL_SECONDS,
+    AssociationOptions,
+    RunningServer,
+    server_tls_context,
+    start_server,
+)
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
-from daemon.receive import status
-from daemon.receive.commitment import add_commitment_context, handle_commitment_report
+from daemon.receive.commitment import handle_commitment_report
 from daemon.receive.ingest import Ingestor, Request
-from daemon.receive.transport import ReceiverRequestHandler
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 START_TIMEOUT = 60.0
-POLL_SECONDS = 0.2
 
 
 def configure_pynetdicom(*, unrestricted: bool = True, chunked: bool = False) -> None:
@@ -92,26 +95,6 @@ def warn_if_open(settings: Settings, logger: logging.Logger = log) -> bool:
         extra=kv(ae_title=settings.dicom.ae_title, port=settings.dicom.port),
     )
     return True
-
-
-def _server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    tls = settings.dicom.tls
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(tls.certificate), str(tls.key))
-    if tls.ca is not None:
-        ctx.load_verify_locations(str(tls.ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's server, listening with SO_REUSEPORT so sibling processes share the port."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 class _LimitedAE(AE):
@@ -182,10 +165,7 @@ class _Listener:
         ae = _LimitedAE(dicom.ae_title, dicom.max_associations, counts, index)
         ae.require_called_aet = True
         ae.require_calling_aet = list(dicom.allowed_callers)
-        ae.acse_timeout = dicom.acse_timeout
-        ae.dimse_timeout = dicom.dimse_timeout
-        ae.network_timeout = dicom.network_timeout
-        ae.maximum_pdu_size = dicom.max_pdu
+        AssociationOptions.from_settings(dicom).apply(ae)
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
@@ -206,31 +186,34 @@ class _Listener:
             (evt.EVT_CONN_OPEN, self._on_conn_change),
             (evt.EVT_CONN_CLOSE, self._on_conn_change),
         ]
-        server_class = _ReusePortServer if reuse_port else ThreadedAssociationServer
-        self.server = ae.make_server(
-            (dicom.bind, dicom.port),
-            evt_handlers=handlers,
-            ssl_context=_server_ssl_context(settings),
-            server_class=server_class,
-            request_handler=ReceiverRequestHandler,
-        )
-        ae._servers.append(self.server)
-        self.port: int = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever,
-            kwargs={"poll_interval": POLL_SECONDS},
-            name=f"dicom-scp:{self.port}",
-            daemon=True,
-        )
+        self.ssl_context = server_tls_context(dicom.tls)
+        self._handlers = handlers
+        self._reuse_port = reuse_port
+        self.server: RunningServer | None = None
         self._stopped = False
         self._stop_lock = threading.Lock()
         self._deadline = float("inf")
 
     def start(self) -> None:
-        self.thread.start()
+        """Bind the port and serve from a thread."""
+        dicom = self.settings.dicom
+        self.server = start_server(
+            self.ae,
+            (dicom.bind, dicom.port),
+            self._handlers,
+            ssl_context=self.ssl_context,
+            reuse_port=self._reuse_port,
+        )
+
+    @property
+    def port(self) -> int:
+        """The port it listens on, once started."""
+        if self.server is None:
+            raise RuntimeError("listener not started")
+        return self.server.port
 
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self._stopped
+        return self.server is not None and self.server.thread.is_alive() and not self._stopped
 
     def in_flight(self) -> int:
         """Established associations; a rejected one waiting for its peer to hang up is not."""
@@ -259,8 +242,8 @@ class _Listener:
                 )
                 assoc.abort()
             self._stopped = True
-            self.server.shutdown()
-            self.thread.join(timeout=5)
+            if self.server is not None:
+                self.server.shutdown()
             self.ingestor.close()
 
     # Event handlers ---------------------------------------------------------------------
@@ -293,7 +276,7 @@ class _Listener:
         assoc = event.assoc
         rj = assoc.acceptor.primitive
         key = (rj.result, rj.result_source, rj.diagnostic)
-        reason = status.REJECT_REASONS.get(key, f"rejected {key}")
+        reason = status.rejection_reason(rj.result_source, rj.diagnostic)
         if self.ae.draining and key == status.REJECT_LOCAL_LIMIT:
             reason = "draining for shutdown"
         if self.metrics is not None:
@@ -306,7 +289,7 @@ class _Listener:
                 peer=_peer(assoc),
                 calling_ae=rq.calling_ae_title,
                 called_ae=rq.called_ae_title,
-                transient=rj.result == 0x02,
+                transient=rj.result == status.REJECTED_TRANSIENT,
             ),
         )
 

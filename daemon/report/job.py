@@ -22,7 +22,7 @@ from daemon.config import Settings
 from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.keys import DISPATCH, dispatch_key
-from daemon.db.schema import Dispatch, Instance, Report, Result, Study
+from daemon.db.schema import Dispatch, DispatchState, Instance, Report, Result, Study
 from daemon.logsetup import kv
 from daemon.report.heatmap import build_heatmap_sc, heatmap_evidence
 from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
@@ -453,7 +453,7 @@ def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, stu
     for dest in settings.destinations:
         dispatch_id = conn.execute(
             insert(Dispatch)
-            .values(report_id=report_id, destination=dest.name, state="pending")
+            .values(report_id=report_id, destination=dest.name, state=DispatchState.PENDING)
             .returning(Dispatch.id)
         ).scalar_one()
         queue.enqueue(

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 from sqlalchemy import select
 
 from daemon.config import Destination, Settings
@@ -21,9 +21,7 @@ from daemon.db.engine import make_engine
 from daemon.db.schema import Base, Dispatch
 from daemon.dispatch.job import JOB_KIND, run_dispatch
 from daemon.dispatch.scu import (
-    COMPREHENSIVE_3D_SR,
     CONNECT_FAILED,
-    ENHANCED_SR,
     REJECTED,
     SENT,
     echo,
@@ -114,11 +112,11 @@ def test_report_is_stored_by_orthanc_and_found_by_study(
     main, fallback, study_uid = sr_files
     outcome = send_file(main, fallback, to_orthanc(orthanc), OUR_AE)
     assert outcome.ok and outcome.kind == SENT, outcome.detail
-    assert outcome.sop_class_uid == COMPREHENSIVE_3D_SR
+    assert outcome.sop_class_uid == Comprehensive3DSRStorage
     found = orthanc.find_sr(study_uid)
     assert [tags["SOPInstanceUID"] for tags in found] == [uid_of(main)]
     stored = dcmread(io.BytesIO(orthanc.instance_dicom(found[0]["ID"])))
-    assert stored.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert stored.SOPClassUID == Comprehensive3DSRStorage
     assert stored.ContentSequence  # the tree arrived, not just a header
 
 
@@ -126,7 +124,7 @@ def test_enhanced_sr_goes_to_a_peer_that_only_takes_enhanced(
     sr_files: tuple[Path, Path, str],
 ) -> None:
     main, fallback, _ = sr_files
-    with RecordingSCP([ENHANCED_SR]) as scp:
+    with RecordingSCP([EnhancedSRStorage]) as scp:
         outcome = send_file(
             main,
             fallback,
@@ -134,7 +132,7 @@ def test_enhanced_sr_goes_to_a_peer_that_only_takes_enhanced(
             OUR_AE,
         )
     assert outcome.ok and outcome.fallback_used
-    assert scp.received == [(ENHANCED_SR, uid_of(fallback), OUR_AE)]
+    assert scp.received == [(EnhancedSRStorage, uid_of(fallback), OUR_AE)]
 
 
 def test_orthanc_refusing_our_ae_is_a_named_retryable_rejection(

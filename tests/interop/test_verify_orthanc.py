@@ -23,9 +23,10 @@ from daemon.db import queue
 from daemon.db.keys import resend_key
 from daemon.db.queue import ClaimedJob
 from daemon.db.schema import Dispatch, Job
+from daemon.dicom.commitment import add_commitment_context
 from daemon.dispatch.job import run_dispatch
 from daemon.dispatch.verify import VerifyPending, run_verify
-from daemon.receive.commitment import add_commitment_context, handle_commitment_report
+from daemon.receive.commitment import handle_commitment_report
 from tests.interop.test_dispatch_orthanc import sr_files, uid_of  # noqa: F401 - fixture
 from tests.peers import Modality, Orthanc, free_port, require_orthanc
 from tests.unit.dispatch.dicomfiles import add_dispatch as dispatch_row

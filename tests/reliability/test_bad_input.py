@@ -31,7 +31,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from sqlalchemy import Engine
 
-from daemon.receive import status
+from daemon.dicom import status
 from tests.daemon_proc import Daemon, wait_for
 from tests.integration.receive.helpers import (
     associate,

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from daemon.receive import status
+from daemon.dicom import status
 from daemon.spool import TMP_DIR
 from tests.daemon_proc import Daemon
 from tests.interop.conftest import daemon_config

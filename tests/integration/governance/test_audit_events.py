@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import EnhancedSRStorage, generate_uid
 from sqlalchemy import Engine, select
 
 from daemon.db import audit, queue
@@ -16,8 +16,6 @@ from daemon.dispatch import job as dispatch_job
 from daemon.dispatch.scu import SendOutcome
 from daemon.status import operator_cancel, operator_retry
 from tests.integration.governance import rows
-
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
 def _events(engine: Engine) -> list[Any]:
@@ -76,7 +74,7 @@ def test_delivered_sr_is_audited_with_the_uid_that_went_and_the_destination(
         detail="0x0000 success",
         retryable=False,
         status=0,
-        sop_class_uid=ENHANCED_SR,
+        sop_class_uid=EnhancedSRStorage,
         sop_instance_uid=fallback_uid,
         fallback_used=True,
     )
@@ -94,7 +92,7 @@ def test_delivered_sr_is_audited_with_the_uid_that_went_and_the_destination(
     assert event.study_uid == study_uid
     assert event.detail == {
         "sr_uid": fallback_uid,
-        "sop_class_uid": ENHANCED_SR,
+        "sop_class_uid": EnhancedSRStorage,
         "study_version": 1,
         "destination": "pacs",
         "dispatch": dispatch_id,

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine
 
 from daemon.config import Settings
+from daemon.metrics import Metrics
 from daemon.receive import Receiver
 from daemon.spool import Spool
 
@@ -41,6 +42,7 @@ def start_receiver(
         engine: Engine,
         spool: Spool | None = None,
         on_stored: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
         **dicom: Any,
     ) -> Receiver:
         receiver = Receiver(
@@ -48,6 +50,7 @@ def start_receiver(
             engine,
             on_stored or stored.append,
             spool=spool,
+            metrics=metrics,
         )
         receiver.start()
         running.append(receiver)

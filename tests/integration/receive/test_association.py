@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import Engine
 
-from daemon.receive import status
+from daemon.dicom import status
 from tests.integration.receive.helpers import (
     ECHOSCU,
     dcmtk,
@@ -125,3 +125,4 @@ def test_several_processes_share_the_port(sqlite_engine: Engine, start_receiver,
         assoc.release()
     receiver.stop(1.0)
     assert not receiver.alive()
+

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 
 from daemon.db import migrate
 from daemon.db.engine import make_engine
-from daemon.receive import status
+from daemon.dicom import status
 from daemon.spool import Spool
 from tests.conftest import drop_pg_schema, free_port, new_pg_schema_url
 from tests.integration.receive.helpers import associate, ct_dataset, instance_rows

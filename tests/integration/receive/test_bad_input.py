@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from sqlalchemy import Engine
 
-from daemon.receive import status
+from daemon.dicom import status
 from tests.integration.receive.helpers import (
     associate,
     ct_dataset,

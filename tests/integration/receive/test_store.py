@@ -12,7 +12,7 @@ from pynetdicom import _config
 from sqlalchemy import Engine, select, update
 
 from daemon.db.schema import Instance, utcnow
-from daemon.receive import status
+from daemon.dicom import status
 from tests.integration.receive.helpers import (
     STORESCU,
     associate,

@@ -54,7 +54,7 @@ def test_a_wrong_called_ae_title_counts_as_a_rejected_association(
 ) -> None:
     samples = _scrape(served_day.metrics_port)
     rejected = _value(
-        samples, "pacsai_associations_rejected_total", reason="called AE title not recognised"
+        samples, "pacsai_associations_rejected_total", reason="called AE title not recognized"
     )
     assert rejected == 1, samples.get("pacsai_associations_rejected_total")
     assert _value(samples, "pacsai_associations_active") == 0

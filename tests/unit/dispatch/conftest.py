@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 from sqlalchemy import Engine
 
 from daemon.db.engine import make_engine
 from daemon.db.schema import Base
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR, ENHANCED_SR
 from tests.unit.dispatch.dicomfiles import write_instance
 
 
@@ -20,8 +19,8 @@ def sr_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A Comprehensive 3D SR file and its Enhanced SR twin (own SOP Instance UID)."""
     study = generate_uid()
     main, fallback = tmp_path / "report.dcm", tmp_path / "report-enhanced.dcm"
-    write_instance(main, COMPREHENSIVE_3D_SR, study_uid=study)
-    write_instance(fallback, ENHANCED_SR, study_uid=study)
+    write_instance(main, Comprehensive3DSRStorage, study_uid=study)
+    write_instance(fallback, EnhancedSRStorage, study_uid=study)
     return main, fallback
 
 

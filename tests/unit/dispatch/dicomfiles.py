@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine
 
 from daemon.db import queue
 from daemon.db.keys import DISPATCH, dispatch_key
 from daemon.db.schema import Dispatch, Report, Study
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR
 
 
 def write_instance(
@@ -60,7 +59,7 @@ def add_dispatch(
                 study_id=study_id,
                 study_version=1,
                 sop_instance_uid=sop_instance_uid or generate_uid(),
-                sop_class_uid=COMPREHENSIVE_3D_SR,
+                sop_class_uid=Comprehensive3DSRStorage,
                 path=str(main),
                 fallback_path=str(fallback),
             )

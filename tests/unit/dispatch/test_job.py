@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -20,7 +21,6 @@ from daemon.dispatch.job import (
     mark_dead,
     run_dispatch,
 )
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR, ENHANCED_SR
 from tests.peers import RecordingSCP, free_port
 from tests.unit.dispatch.dicomfiles import write_instance
 
@@ -49,7 +49,7 @@ def add_dispatch(
                 study_id=study_id,
                 study_version=1,
                 sop_instance_uid="1.2.3.4.5",
-                sop_class_uid=COMPREHENSIVE_3D_SR,
+                sop_class_uid=Comprehensive3DSRStorage,
                 path=str(sr_pair[0]),
                 fallback_path=str(sr_pair[1]),
             )
@@ -94,12 +94,12 @@ def test_sent_report_marks_row_sent_and_job_done_together(
     dispatch_id = add_dispatch(engine, sr_pair)
     job = claim(engine)
     assert dispatch_id_of(job) == dispatch_id
-    with RecordingSCP([COMPREHENSIVE_3D_SR, ENHANCED_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage, EnhancedSRStorage]) as scp:
         run_dispatch(engine, job, settings_for(tmp_path, scp.port))
     row = dispatch_row(engine, dispatch_id)
     assert row.state == "sent"
     assert row.attempts == 1
-    assert row.sent_sop_class_uid == COMPREHENSIVE_3D_SR
+    assert row.sent_sop_class_uid == Comprehensive3DSRStorage
     assert row.sent_at is not None
     assert row.last_status == "0x0000 success"
     assert job_state(engine, job.id) == "done"
@@ -109,18 +109,18 @@ def test_fallback_class_is_recorded(
     engine: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     dispatch_id = add_dispatch(engine, sr_pair)
-    with RecordingSCP([ENHANCED_SR]) as scp:
+    with RecordingSCP([EnhancedSRStorage]) as scp:
         run_dispatch(engine, claim(engine), settings_for(tmp_path, scp.port))
-    assert dispatch_row(engine, dispatch_id).sent_sop_class_uid == ENHANCED_SR
+    assert dispatch_row(engine, dispatch_id).sent_sop_class_uid == EnhancedSRStorage
 
 
 def test_relative_report_paths_are_under_the_spool(engine: Engine, tmp_path: Path) -> None:
     reports = tmp_path / "spool" / "reports"
     reports.mkdir(parents=True)
-    write_instance(reports / "r.dcm", COMPREHENSIVE_3D_SR)
-    write_instance(reports / "r-enhanced.dcm", ENHANCED_SR)
+    write_instance(reports / "r.dcm", Comprehensive3DSRStorage)
+    write_instance(reports / "r-enhanced.dcm", EnhancedSRStorage)
     dispatch_id = add_dispatch(engine, (Path("reports/r.dcm"), Path("reports/r-enhanced.dcm")))
-    with RecordingSCP([COMPREHENSIVE_3D_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage]) as scp:
         run_dispatch(engine, claim(engine), settings_for(tmp_path, scp.port))
     assert dispatch_row(engine, dispatch_id).state == "sent"
 
@@ -129,7 +129,7 @@ def test_missing_report_file_is_permanent(
     engine: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     dispatch_id = add_dispatch(engine, (sr_pair[0], tmp_path / "missing.dcm"))
-    with RecordingSCP([COMPREHENSIVE_3D_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage]) as scp:
         with pytest.raises(DispatchFailed) as info:
             run_dispatch(engine, claim(engine), settings_for(tmp_path, scp.port))
     assert not info.value.retryable
@@ -143,7 +143,7 @@ def test_failed_send_records_status_and_leaves_job_to_the_worker(
 ) -> None:
     dispatch_id = add_dispatch(engine, sr_pair)
     job = claim(engine)
-    with RecordingSCP([COMPREHENSIVE_3D_SR], status=0xA700) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], status=0xA700) as scp:
         with pytest.raises(DispatchFailed) as info:
             run_dispatch(engine, job, settings_for(tmp_path, scp.port))
     assert info.value.retryable
@@ -175,7 +175,7 @@ def test_already_sent_row_completes_without_sending(
 ) -> None:
     add_dispatch(engine, sr_pair, state="sent")
     job = claim(engine)
-    with RecordingSCP([COMPREHENSIVE_3D_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage]) as scp:
         run_dispatch(engine, job, settings_for(tmp_path, scp.port))
     assert scp.received == []
     assert job_state(engine, job.id) == "done"
@@ -185,7 +185,7 @@ def test_revived_dead_row_is_sent(
     engine: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     dispatch_id = add_dispatch(engine, sr_pair, state="dead")
-    with RecordingSCP([COMPREHENSIVE_3D_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage]) as scp:
         run_dispatch(engine, claim(engine), settings_for(tmp_path, scp.port))
     assert dispatch_row(engine, dispatch_id).state == "sent"
 
@@ -207,7 +207,7 @@ def test_lost_lease_keeps_nothing(
     dispatch_id = add_dispatch(engine, sr_pair)
     job = claim(engine)
     queue.cancel(engine, job.id)
-    with RecordingSCP([COMPREHENSIVE_3D_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage]) as scp:
         with pytest.raises(queue.LeaseLost):
             run_dispatch(engine, job, settings_for(tmp_path, scp.port))
     assert dispatch_row(engine, dispatch_id).state == "pending"

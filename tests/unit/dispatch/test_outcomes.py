@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Destination
+from daemon.dicom.status import describe_rejection, status_meaning
 from daemon.dispatch.scu import (
     BAD_FILE,
     CONNECT_FAILED,
@@ -14,10 +15,8 @@ from daemon.dispatch.scu import (
     SENT_WITH_WARNING,
     STORE_FAILED,
     classify_store_status,
-    describe_rejection,
     echo,
     send_file,
-    status_meaning,
     store_outcome,
 )
 from tests.peers import free_port

@@ -5,21 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    EnhancedSRStorage,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 
 from daemon.config import Destination
+from daemon.dicom.network import AssociationOptions
 from daemon.dispatch.scu import (
     ABORTED,
-    COMPREHENSIVE_3D_SR,
     ECHOED,
-    ENHANCED_SR,
     NO_CONTEXT,
     NO_RESPONSE,
     REJECTED,
     SENT,
     SENT_WITH_WARNING,
     STORE_FAILED,
-    ScuOptions,
     echo,
     send_file,
 )
@@ -34,22 +37,22 @@ def to(scp: RecordingSCP) -> Destination:
 
 
 def test_comprehensive_sr_goes_when_accepted(sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR, ENHANCED_SR]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage, EnhancedSRStorage]) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
     assert outcome.ok and outcome.kind == SENT
-    assert outcome.sop_class_uid == COMPREHENSIVE_3D_SR
+    assert outcome.sop_class_uid == Comprehensive3DSRStorage
     assert not outcome.fallback_used
-    assert [r[0] for r in scp.received] == [COMPREHENSIVE_3D_SR]
+    assert [r[0] for r in scp.received] == [Comprehensive3DSRStorage]
     assert scp.received[0][2] == "PACSAI"
 
 
 def test_enhanced_sr_goes_when_only_it_is_accepted(sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([ENHANCED_SR]) as scp:
+    with RecordingSCP([EnhancedSRStorage]) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
     assert outcome.ok
     assert outcome.fallback_used
-    assert outcome.sop_class_uid == ENHANCED_SR
-    assert scp.received == [(ENHANCED_SR, outcome.sop_instance_uid, "PACSAI")]
+    assert outcome.sop_class_uid == EnhancedSRStorage
+    assert scp.received == [(EnhancedSRStorage, outcome.sop_instance_uid, "PACSAI")]
 
 
 def test_neither_class_accepted_is_a_retryable_failure(sr_pair: tuple[Path, Path]) -> None:
@@ -66,11 +69,11 @@ def test_without_fallback_file_the_enhanced_twin_goes_under_its_own_uid(
     sr_pair: tuple[Path, Path],
 ) -> None:
     main_uid = dcmread(sr_pair[0], stop_before_pixels=True).SOPInstanceUID
-    with RecordingSCP([ENHANCED_SR]) as scp:
+    with RecordingSCP([EnhancedSRStorage]) as scp:
         first = send_file(sr_pair[0], None, to(scp), "PACSAI")
         again = send_file(sr_pair[0], None, to(scp), "PACSAI")
     assert first.ok and first.fallback_used
-    assert [r[0] for r in scp.received] == [ENHANCED_SR, ENHANCED_SR]
+    assert [r[0] for r in scp.received] == [EnhancedSRStorage, EnhancedSRStorage]
     twin_uids = {r[1] for r in scp.received}
     assert len(twin_uids) == 1, "the twin's UID is derived, so a resend is the same instance"
     assert main_uid not in twin_uids
@@ -80,15 +83,15 @@ def test_without_fallback_file_the_enhanced_twin_goes_under_its_own_uid(
 def test_class_refused_at_store_time_falls_back(sr_pair: tuple[Path, Path]) -> None:
     # A peer that negotiates both classes but answers 0x0122 to each C-STORE: the
     # fallback is tried on the same association and its answer is the outcome.
-    with RecordingSCP([COMPREHENSIVE_3D_SR, ENHANCED_SR], status=0x0122) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage, EnhancedSRStorage], status=0x0122) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
-    assert [r[0] for r in scp.received] == [COMPREHENSIVE_3D_SR, ENHANCED_SR]
+    assert [r[0] for r in scp.received] == [Comprehensive3DSRStorage, EnhancedSRStorage]
     assert outcome.fallback_used
     assert outcome.detail == "0x0122 SOP class not supported"
 
 
 def test_out_of_resources_is_reported_with_meaning(sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR], status=0xA700) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], status=0xA700) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
     assert not outcome.ok
     assert outcome.kind == STORE_FAILED
@@ -98,7 +101,7 @@ def test_out_of_resources_is_reported_with_meaning(sr_pair: tuple[Path, Path]) -
 
 
 def test_warning_status_is_success(sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR], status=0xB007) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], status=0xB007) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
     assert outcome.ok
     assert outcome.kind == SENT_WITH_WARNING
@@ -107,7 +110,7 @@ def test_warning_status_is_success(sr_pair: tuple[Path, Path]) -> None:
 def test_unknown_calling_ae_rejection_names_the_cause_and_is_retried(
     sr_pair: tuple[Path, Path],
 ) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR], calling_aets=["SOMEONE"]) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], calling_aets=["SOMEONE"]) as scp:
         outcome = send_file(sr_pair[0], sr_pair[1], to(scp), "PACSAI")
     assert outcome.kind == REJECTED
     assert "calling AE title not recognized" in outcome.detail
@@ -132,9 +135,9 @@ def test_echo_reports_round_trip() -> None:
 
 
 def test_slow_peer_hits_the_dimse_timeout_and_is_retried(sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR], delay_s=1.5) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], delay_s=1.5) as scp:
         outcome = send_file(
-            sr_pair[0], sr_pair[1], to(scp), "PACSAI", ScuOptions(dimse_timeout=0.3)
+            sr_pair[0], sr_pair[1], to(scp), "PACSAI", AssociationOptions(dimse_timeout=0.3)
         )
     assert not outcome.ok
     assert outcome.kind in (ABORTED, NO_RESPONSE)

@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage
 
 from daemon.config import Destination, TLSSettings
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR, CONNECT_FAILED, echo, send_file
+from daemon.dispatch.scu import CONNECT_FAILED, echo, send_file
 from tests.peers import RecordingSCP
 
 OPENSSL = shutil.which("openssl")
@@ -62,7 +63,7 @@ def tls_destination(scp: RecordingSCP, pki: Path, ca: Path) -> Destination:
 
 
 def test_report_goes_over_tls(pki: Path, sr_pair: tuple[Path, Path]) -> None:
-    with RecordingSCP([COMPREHENSIVE_3D_SR], ssl_context=server_context(pki)) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], ssl_context=server_context(pki)) as scp:
         dest = tls_destination(scp, pki, pki / "ca.pem")
         outcome = send_file(sr_pair[0], sr_pair[1], dest, "PACSAI")
         echoed = echo(dest, "PACSAI")
@@ -73,7 +74,7 @@ def test_report_goes_over_tls(pki: Path, sr_pair: tuple[Path, Path]) -> None:
 
 def test_untrusted_server_certificate_is_refused(pki: Path, sr_pair: tuple[Path, Path]) -> None:
     # Trust only the client's own certificate as CA: the server's chain does not verify.
-    with RecordingSCP([COMPREHENSIVE_3D_SR], ssl_context=server_context(pki)) as scp:
+    with RecordingSCP([Comprehensive3DSRStorage], ssl_context=server_context(pki)) as scp:
         dest = tls_destination(scp, pki, pki / "client.pem")
         outcome = send_file(sr_pair[0], sr_pair[1], dest, "PACSAI")
     assert not outcome.ok

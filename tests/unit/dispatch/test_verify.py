@@ -11,26 +11,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, EnhancedSRStorage, generate_uid
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from daemon.config import Settings
-from daemon.context import WorkerContext
+from daemon.context import JobHandler, WorkerContext
 from daemon.db import migrate, queue
 from daemon.db.deliveries import (
     APPLIED_CONFIRMED,
     APPLIED_RESENT,
     APPLIED_UNKNOWN,
-    CommitmentReport,
     apply_commitment_report,
 )
 from daemon.db.engine import make_engine
-from daemon.db.keys import resend_key, verify_key
+from daemon.db.keys import VERIFY, resend_key, verify_key
 from daemon.db.queue import ClaimedJob, RetryPolicy
 from daemon.db.schema import Dispatch, Job, Study
+from daemon.dicom.commitment import CommitmentReport
 from daemon.dispatch.job import run_dispatch
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR, ENHANCED_SR
 from daemon.dispatch.verify import (
     CONFIRMED,
     NOT_FOUND,
@@ -103,7 +102,7 @@ def jobs(engine: Engine, kind: str) -> list[Job]:
 
 def send(engine: Engine, settings: Settings, port_classes: list[str] | None = None) -> None:
     """Run the due dispatch job against a peer that takes the report."""
-    with RecordingSCP(port_classes or [COMPREHENSIVE_3D_SR, ENHANCED_SR]) as scp:
+    with RecordingSCP(port_classes or [Comprehensive3DSRStorage, EnhancedSRStorage]) as scp:
         pinned = settings.model_copy(
             update={
                 "destinations": [settings.destinations[0].model_copy(update={"port": scp.port})]
@@ -135,7 +134,7 @@ def test_send_to_a_verifying_destination_queues_verify_in_the_same_commit(
     assert job.state == "queued"
     assert job.max_attempts == TRIES_PER_SEND
     assert job.payload["send_attempt"] == 1
-    assert job.payload["sop_class_uid"] == COMPREHENSIVE_3D_SR
+    assert job.payload["sop_class_uid"] == Comprehensive3DSRStorage
     assert job.payload["sop_instance_uid"]
 
 
@@ -153,9 +152,9 @@ def test_fallback_send_is_verified_by_the_fallback_instance(
     db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     add_dispatch(db, *sr_pair, destination="pacs")
-    send(db, settings_for(tmp_path, SEND_PORT, "find"), [ENHANCED_SR])
+    send(db, settings_for(tmp_path, SEND_PORT, "find"), [EnhancedSRStorage])
     (job,) = jobs(db, "verify")
-    assert job.payload["sop_class_uid"] == ENHANCED_SR
+    assert job.payload["sop_class_uid"] == EnhancedSRStorage
 
 
 # --- outcomes of one verify attempt ---------------------------------------------------
@@ -407,7 +406,7 @@ def test_worker_retries_an_unconfirmed_verify_and_never_marks_the_row_dead(
     def verify(c: WorkerContext, j: ClaimedJob) -> None:
         run_verify(c.engine, j, c.settings)
 
-    assert run_one(ctx, {"verify": verify})
+    assert run_one(ctx, {VERIFY: JobHandler(verify)})
     (job,) = jobs(db, "verify")
     assert job.state == "queued" and job.attempts == 1
     assert "could not connect" in (job.last_error or "")

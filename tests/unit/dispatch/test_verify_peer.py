@@ -14,7 +14,10 @@ from types import TracebackType
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    generate_uid,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     StorageCommitmentPushModel,
@@ -23,14 +26,19 @@ from pynetdicom.sop_class import (
 )
 
 from daemon.config import Destination
-from daemon.dispatch.scu import COMPREHENSIVE_3D_SR
+from daemon.dicom.commitment import (
+    STORAGE_COMMITMENT_INSTANCE,
+    commitment_report,
+    read_commitment_request,
+)
+from daemon.dicom.network import UNCOMPRESSED
+from daemon.dicom.status import NO_SUCH_OBJECT_INSTANCE, OUT_OF_RESOURCES, PENDING, SUCCESS
 from daemon.dispatch.verify import (
     AWAITING,
     CONFIRMED,
     NOT_FOUND,
     QUERY_FAILED,
     REFUSED,
-    STORAGE_COMMITMENT_INSTANCE,
     UNREACHABLE,
     UNSUPPORTED,
     SentInstance,
@@ -40,11 +48,7 @@ from daemon.dispatch.verify import (
 from tests.peers import free_port
 
 OUR_AE = "PACSAI"
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-OUT_OF_RESOURCES = 0xA700
-PENDING = 0xFF00
-SUCCESS = 0x0000
-SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+SYNTAXES = list(UNCOMPRESSED)
 
 
 class CommitmentPeer:
@@ -94,23 +98,12 @@ class CommitmentPeer:
         return self.action_status, None
 
     def _report(self, assoc: Any, request: Dataset) -> None:
-        info = Dataset()
-        info.TransactionUID = request.TransactionUID
-        good, bad = [], []
-        for item in request.ReferencedSOPSequence:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
-            ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
-            if item.ReferencedSOPInstanceUID in self.kept:
-                good.append(ref)
-            else:
-                ref.FailureReason = NO_SUCH_OBJECT_INSTANCE
-                bad.append(ref)
-        info.ReferencedSOPSequence = good
-        if bad:
-            info.FailedSOPSequence = bad
+        transaction_uid, references = read_commitment_request(request)
+        good = [ref for ref in references if ref[1] in self.kept]
+        bad = [(*ref, NO_SUCH_OBJECT_INSTANCE) for ref in references if ref[1] not in self.kept]
+        event_type, info = commitment_report(transaction_uid, good, bad)
         status, _ = assoc.send_n_event_report(
-            info, 2 if bad else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
+            info, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
         )
         self.report_statuses.append(int(status.Status) if "Status" in status else -1)
 
@@ -147,7 +140,7 @@ class CommitmentPeer:
 
 
 def sent_instance() -> SentInstance:
-    return SentInstance(generate_uid(), COMPREHENSIVE_3D_SR, generate_uid())
+    return SentInstance(generate_uid(), Comprehensive3DSRStorage, generate_uid())
 
 
 def test_commitment_report_on_the_same_association_confirms() -> None:
@@ -163,7 +156,7 @@ def test_commitment_report_on_the_same_association_confirms() -> None:
     (action,) = pacs.actions
     assert action.TransactionUID == transaction
     (ref,) = action.ReferencedSOPSequence
-    assert ref.ReferencedSOPClassUID == COMPREHENSIVE_3D_SR
+    assert ref.ReferencedSOPClassUID == Comprehensive3DSRStorage
     assert ref.ReferencedSOPInstanceUID == instance.sop_instance_uid
 
 

@@ -6,30 +6,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 from sqlalchemy import Engine
 
 from daemon.db import migrate
-from daemon.db.deliveries import INVALID_ARGUMENT_VALUE, NO_SUCH_EVENT_TYPE
 from daemon.db.engine import make_engine
 from daemon.db.keys import resend_key
-from daemon.dispatch.verify import STORAGE_COMMITMENT_INSTANCE
-from daemon.receive.commitment import (
-    SUCCESS,
+from daemon.dicom.commitment import (
+    STORAGE_COMMITMENT_INSTANCE,
     add_commitment_context,
-    handle_commitment_report,
+    commitment_report,
 )
+from daemon.dicom.status import (
+    INVALID_ARGUMENT_VALUE,
+    NO_SUCH_EVENT_TYPE,
+    NO_SUCH_OBJECT_INSTANCE,
+    SUCCESS,
+)
+from daemon.receive.commitment import handle_commitment_report
 from tests.unit.dispatch.dicomfiles import add_dispatch
 from tests.unit.dispatch.test_verify import jobs, row, send, settings_for
 
 OUR_AE = "PACSAI"
-NO_SUCH_OBJECT_INSTANCE = 0x0112
 
 
 @pytest.fixture
@@ -71,26 +74,12 @@ def report(port: int, event_type: int, info: Dataset) -> int:
     return int(status.Status)
 
 
-def event_information(transaction_uid: str, committed: list[str], failed: list[str]) -> Dataset:
-    info = Dataset()
-    info.TransactionUID = transaction_uid
-    refs: list[Any] = []
-    for uid in committed:
-        item = Dataset()
-        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
-        item.ReferencedSOPInstanceUID = uid
-        refs.append(item)
-    info.ReferencedSOPSequence = refs
-    if failed:
-        items = []
-        for uid in failed:
-            item = Dataset()
-            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
-            item.ReferencedSOPInstanceUID = uid
-            item.FailureReason = NO_SUCH_OBJECT_INSTANCE
-            items.append(item)
-        info.FailedSOPSequence = items
-    return info
+def kept(uid: str) -> tuple[str, str]:
+    return (Comprehensive3DSRStorage, uid)
+
+
+def lost(uid: str) -> tuple[str, str, int]:
+    return (Comprehensive3DSRStorage, uid, NO_SUCH_OBJECT_INSTANCE)
 
 
 def sent_commitment_row(db: Engine, sr_pair: tuple[Path, Path], tmp_path: Path) -> int:
@@ -105,7 +94,7 @@ def test_success_report_on_a_new_association_confirms(
     dispatch_id = sent_commitment_row(db, sr_pair, tmp_path)
     transaction = row(db, dispatch_id).transaction_uid
     assert transaction
-    assert report(receiver, 1, event_information(transaction, ["1.2.3"], [])) == SUCCESS
+    assert report(receiver, *commitment_report(transaction, [kept("1.2.3")])) == SUCCESS
     confirmed = row(db, dispatch_id)
     assert confirmed.state == "confirmed"
     assert confirmed.confirmed_at is not None
@@ -118,7 +107,7 @@ def test_failure_report_on_a_new_association_sends_again(
     dispatch_id = sent_commitment_row(db, sr_pair, tmp_path)
     transaction = row(db, dispatch_id).transaction_uid
     assert transaction
-    assert report(receiver, 2, event_information(transaction, [], ["1.2.3"])) == SUCCESS
+    assert report(receiver, *commitment_report(transaction, [], [lost("1.2.3")])) == SUCCESS
     assert row(db, dispatch_id).state == "pending"
     resend = {j.key: j for j in jobs(db, "dispatch")}[resend_key(dispatch_id, 1)]
     assert resend.state == "queued" and resend.max_attempts == 5
@@ -128,12 +117,13 @@ def test_report_for_an_unknown_transaction_is_acknowledged_and_ignored(
     db: Engine, receiver: int, sr_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     dispatch_id = sent_commitment_row(db, sr_pair, tmp_path)
-    assert report(receiver, 1, event_information(generate_uid(), ["1.2.3"], [])) == SUCCESS
+    assert report(receiver, *commitment_report(generate_uid(), [kept("1.2.3")])) == SUCCESS
     assert row(db, dispatch_id).state == "sent"
 
 
 def test_report_of_another_event_type_is_refused(receiver: int) -> None:
-    status = report(receiver, 3, event_information(generate_uid(), [], []))
+    _, info = commitment_report(generate_uid(), [])
+    status = report(receiver, 3, info)
     assert status == NO_SUCH_EVENT_TYPE
 
 

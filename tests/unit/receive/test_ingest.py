@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 
 from daemon.db import audit
 from daemon.db.schema import AuditEvent, Instance, Study
-from daemon.receive import status
+from daemon.dicom import status
 from daemon.receive.ingest import Ingestor, Refused, Request, check_request, read_identifiers
 from daemon.spool import Spool
 

@@ -12,6 +12,8 @@ the kernel allows, and refuses a PDU longer than we agreed to take.
 Written against pynetdicom 3.0: `AssociationSocket.ready`, `.recv` and `._shutdown_socket`
 (which `close`, abort and the peer's closing after a release all call), and the
 DUL's `to_provider_queue` and `_run_loop_delay` (the sleep between idle reactor loops).
+`check_pynetdicom` names any of them a pynetdicom release no longer has, so the server
+refuses to start instead of running with the patch silently unused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import socket
 import ssl
 from typing import Any, cast
 
+from pynetdicom import AE
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -32,6 +36,40 @@ UNLIMITED_PDU_LIMIT = 64 * 2**20
 READY_WAIT = 0.001
 # The reactor's own sleep between idle loops, on top of READY_WAIT.
 IDLE_SLEEP = 0.0001
+
+
+# pynetdicom internals the patch replaces or reads. An override of a method pynetdicom
+# renamed would never be called, and a renamed attribute set here would be a new one
+# nothing reads: both would leave the receiver slow and unbounded without a word.
+SOCKET_METHODS = ("ready", "recv", "_shutdown_socket")
+SOCKET_ATTRIBUTES = ("socket", "_is_connected", "event_queue")
+DUL_ATTRIBUTES = ("socket", "to_provider_queue", "_run_loop_delay")
+HANDLER_METHODS = ("_create_association",)
+AE_ATTRIBUTES = ("_servers",)
+
+
+def missing_internals(assoc: Association) -> list[str]:
+    """The pynetdicom internals this module relies on that `assoc` (and its classes) lack."""
+    missing = [
+        f"AssociationSocket.{n}" for n in SOCKET_METHODS if not hasattr(AssociationSocket, n)
+    ]
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        sock = AssociationSocket(assoc, client_socket=ours)
+        missing += [f"AssociationSocket.{n}" for n in SOCKET_ATTRIBUTES if not hasattr(sock, n)]
+    missing += [f"DULServiceProvider.{n}" for n in DUL_ATTRIBUTES if n not in vars(assoc.dul)]
+    missing += [f"RequestHandler.{n}" for n in HANDLER_METHODS if not hasattr(RequestHandler, n)]
+    missing += [f"AE.{n}" for n in AE_ATTRIBUTES if n not in vars(assoc.ae)]
+    return missing
+
+
+def check_pynetdicom() -> None:
+    """Raise RuntimeError naming the internals this patch needs that pynetdicom no longer has."""
+    missing = missing_internals(Association(AE(), MODE_ACCEPTOR))
+    if missing:
+        raise RuntimeError(
+            "this pynetdicom lacks what daemon.dicom.transport patches: " + ", ".join(missing)
+        )
 
 
 def pdu_limit(max_pdu: int) -> int:

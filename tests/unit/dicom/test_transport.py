@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -9,21 +10,24 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, dul, evt, transport
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pynetdicom.transport import AssociationSocket
 
-from daemon.receive.transport import (
+from daemon.dicom.network import start_server
+from daemon.dicom.transport import (
+    DUL_ATTRIBUTES,
     MIN_PDU_LIMIT,
+    SOCKET_METHODS,
     UNLIMITED_PDU_LIMIT,
-    ReceiverRequestHandler,
     ReceiverSocket,
+    check_pynetdicom,
     make_prompt,
+    missing_internals,
     pdu_limit,
 )
-from tests.peers import free_port
 
 
 @pytest.fixture
@@ -104,21 +108,14 @@ def test_associations_leave_no_open_descriptors_behind() -> None:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax)
     ae.add_supported_context(Verification)
-    port = free_port()
-    server = ae.make_server(
-        ("127.0.0.1", port),
-        evt_handlers=[(evt.EVT_C_ECHO, lambda event: 0x0000)],
-        request_handler=ReceiverRequestHandler,
-    )
-    ae._servers.append(server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_server(ae, ("127.0.0.1", 0), [(evt.EVT_C_ECHO, lambda event: 0x0000)])
     try:
         scu = AE(ae_title="SCU")
         scu.add_requested_context(Verification)
         scu.add_requested_context(CTImageStorage)
         before = len(os.listdir("/proc/self/fd"))
         for _ in range(10):
-            assoc = scu.associate("127.0.0.1", port, ae_title="PROMPT")
+            assoc = scu.associate("127.0.0.1", server.port, ae_title="PROMPT")
             assert assoc.is_established
             assert assoc.send_c_echo().Status == 0x0000
             assoc.release()
@@ -128,3 +125,37 @@ def test_associations_leave_no_open_descriptors_behind() -> None:
         assert len(os.listdir("/proc/self/fd")) <= before
     finally:
         server.shutdown()
+
+
+def test_this_pynetdicom_has_every_internal_the_patch_relies_on() -> None:
+    assert missing_internals(Association(AE(), MODE_ACCEPTOR)) == []
+    check_pynetdicom()
+
+
+def test_a_renamed_internal_is_named_before_any_association_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a pynetdicom release renaming `_run_loop_delay` would do: refuse to start."""
+    real_init = dul.DULServiceProvider.__init__
+
+    def renamed(self: dul.DULServiceProvider, assoc: Association) -> None:
+        real_init(self, assoc)
+        self._loop_delay = self.__dict__.pop("_run_loop_delay")
+
+    monkeypatch.setattr(dul.DULServiceProvider, "__init__", renamed)
+    with pytest.raises(RuntimeError, match="DULServiceProvider._run_loop_delay"):
+        check_pynetdicom()
+    with pytest.raises(RuntimeError, match="_run_loop_delay"):
+        start_server(AE(), ("127.0.0.1", 0), [])
+
+
+@pytest.mark.parametrize("name", DUL_ATTRIBUTES)
+def test_the_reactor_still_reads_what_the_patch_sets(name: str) -> None:
+    """An attribute that exists but that pynetdicom stopped reading would be set for nothing."""
+    assert f"self.{name}" in inspect.getsource(dul.DULServiceProvider)
+
+
+@pytest.mark.parametrize("name", SOCKET_METHODS)
+def test_pynetdicom_still_calls_the_socket_methods_the_patch_overrides(name: str) -> None:
+    callers = inspect.getsource(dul.DULServiceProvider) + inspect.getsource(transport)
+    assert f".{name}" in callers.replace(f"def {name}", "")
