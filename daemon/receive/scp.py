@@ -182,9 +182,9 @@ class _Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_CONN_OPEN, self._on_conn_change),
-            (evt.EVT_CONN_CLOSE, self._on_conn_change),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self.ssl_context = server_tls_context(dicom.tls)
         self._handlers = handlers
@@ -193,6 +193,9 @@ class _Listener:
         self._stopped = False
         self._stop_lock = threading.Lock()
         self._deadline = float("inf")
+        # Associations counted in the active gauge; each leaves it once, however it ends.
+        self._counted: set[int] = set()
+        self._counted_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind the port and serve from a thread."""
@@ -296,26 +299,41 @@ class _Listener:
     def _on_established(self, event: Event) -> None:
         assoc = event.assoc
         if self.metrics is not None:
+            with self._counted_lock:
+                self._counted.add(id(assoc))
             self.metrics.associations_active.inc()
         log.info(
             "association established",
             extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
         )
 
-    def _on_released(self, event: Event) -> None:
-        if self.metrics is not None:
-            self.metrics.associations_active.dec()
+    def _ended(self, event: Event) -> None:
+        """Take an association off the active gauge once, by release, abort or lost connection.
+
+        pynetdicom marks an association no longer established before it tells of the abort,
+        so the gauge cannot ask the association whether it was counted.
+        """
+        if self.metrics is None:
+            return
+        with self._counted_lock:
+            if id(event.assoc) not in self._counted:
+                return
+            self._counted.discard(id(event.assoc))
+        self.metrics.associations_active.dec()
 
     def _on_aborted(self, event: Event) -> None:
+        self._ended(event)
         assoc = event.assoc
-        if self.metrics is not None and assoc.is_established:
-            self.metrics.associations_active.dec()
         log.warning(
             "association aborted",
             extra=kv(peer=_peer(assoc), calling_ae=assoc.requestor.ae_title),
         )
 
-    def _on_conn_change(self, event: Event) -> None:
+    def _on_conn_close(self, event: Event) -> None:
+        self._ended(event)
+        self.ae.publish_count()
+
+    def _on_conn_open(self, event: Event) -> None:
         self.ae.publish_count()
 
 

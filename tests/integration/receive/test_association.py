@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import pytest
 from sqlalchemy import Engine
 
 from daemon.dicom import status
+from daemon.metrics import Metrics
 from tests.integration.receive.helpers import (
     ECHOSCU,
     dcmtk,
@@ -126,3 +128,30 @@ def test_several_processes_share_the_port(sqlite_engine: Engine, start_receiver,
     receiver.stop(1.0)
     assert not receiver.alive()
 
+
+def _active(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("pacsai_associations_active") or 0.0
+
+
+def _wait_active(metrics: Metrics, expected: float) -> float:
+    """The gauge once it reads `expected`, or what it reads after a few seconds."""
+    deadline = time.monotonic() + 5.0
+    while _active(metrics) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _active(metrics)
+
+
+def test_active_associations_gauge_returns_to_zero_however_associations_end(
+    sqlite_engine: Engine, start_receiver, port: int
+) -> None:
+    metrics = Metrics()
+    start_receiver(sqlite_engine, metrics=metrics)
+    aborted, released, dropped = try_associate(port), try_associate(port), try_associate(port)
+    assert aborted.is_established and released.is_established and dropped.is_established
+    assert _wait_active(metrics, 3) == 3
+    aborted.abort()
+    released.release()
+    dropped.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the peer vanishes mid-association
+    rejected = try_associate(port, called="NOT-US")
+    assert rejected.is_rejected
+    assert _wait_active(metrics, 0) == 0
