@@ -21,7 +21,7 @@ from daemon.db.keys import REPORT, report_key
 from daemon.db.schema import Instance, Result, Series, Study
 from daemon.logsetup import kv
 from daemon.metrics import Metrics
-from daemon.spool import Spool, check_uid
+from daemon.spool import Spool, uid_name
 
 if TYPE_CHECKING:
     from models.infer import FileOutputs, SeriesResult
@@ -162,9 +162,9 @@ class HeatmapSink:
 
     def path(self, model: str, ref: SliceRef, label: str) -> Path:
         """One overlay's file: named by study version, model, image, frame and class."""
-        uid, frame = check_uid(ref.sop_instance_uid), ref.frame or 0
+        uid, frame = uid_name(ref.sop_instance_uid), ref.frame or 0
         name = f"v{self.version}-{model}-{uid}-{frame}-{label}.npy"
-        return self.spool.reports_dir / check_uid(self.study_uid) / "heatmaps" / name
+        return self.spool.reports_dir / uid_name(self.study_uid) / "heatmaps" / name
 
 
 def add_heatmaps(
@@ -216,7 +216,7 @@ class OutputsCache:
     study_uid: str
 
     def _path(self, series_uid: str, cnn: Manifest) -> Path:
-        name = f"{check_uid(series_uid)}.{cnn.name}-{cnn.weights_sha256[:16]}.npz"
+        name = f"{uid_name(series_uid)}.{cnn.name}-{cnn.weights_sha256[:16]}.npz"
         return self.spool.cache_path(self.study_uid, name)
 
     def load(self, series_uid: str, cnn: Manifest) -> dict[Path, FileOutputs]:

@@ -6,7 +6,8 @@ received it (and any directory created on the way) fsync'd. A file is visible un
 final name only once its bytes are durable; a crash leaves at most a stray temporary file,
 which `Spool.prepare` removes at the next start.
 
-Layout::
+Layout (each UID as `uid_name` writes it: itself when it is digits and dots, else
+`~` and its percent-encoding, e.g. a de-identifier's hex UID ``~dccc95...``)::
 
     <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm         the current version
     <root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.<sha16>.dcm an older version, set aside
@@ -25,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,20 +39,42 @@ STALE_TEMP_SECONDS = 3600.0
 
 # A UID as PS3.5 9.1 allows it: digits and dots, no empty component, at most 64 characters.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-# Leading zeros occur in the wild (and in pydicom's own test files): accept them in paths.
-_LENIENT_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Digits and dots (leading zeros too, as in the wild): such a UID names its file as it is.
+_PLAIN_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# What makes a UID unsafe or meaningless, not merely malformed: control characters, path
+# separators, an empty component that `..` would also be.
+_UNSAFE_UID_RE = re.compile(r"[\x00-\x1f\x7f/\\]|\.\.")
+UID_MAX_CHARS = 64
+# Marks an encoded name; never the first character of a plain UID, never a `.` or `..`.
+ENCODED_PREFIX = "~"
 _REASON_RE = re.compile(r"[^a-z0-9-]+")
 
 
 class InvalidUID(ValueError):
-    """A UID that cannot name a file safely (empty, too long, not digits and dots)."""
+    """A UID no instance may be kept under: empty, too long, or unsafe as a name."""
 
 
 def check_uid(uid: str) -> str:
-    """`uid` unchanged when it is safe as a path component, else InvalidUID."""
-    if not uid or len(uid) > 64 or not _LENIENT_UID_RE.match(uid):
-        raise InvalidUID(f"not a valid UID: {uid[:80]!r}")
+    """`uid` unchanged when it can identify what we keep, else InvalidUID.
+
+    Refused: empty, over 64 characters, control characters, path separators, `..`.
+    Malformed but harmless UIDs (a de-identifier's hex digest) pass: `uid_name` encodes them.
+    """
+    if not uid or len(uid) > UID_MAX_CHARS or _UNSAFE_UID_RE.search(uid):
+        raise InvalidUID(f"not a usable UID: {uid[:80]!r}")
     return uid
+
+
+def uid_name(uid: str) -> str:
+    """The file or directory name for a UID: itself when digits and dots, else encoded.
+
+    The encoding (`~` and the UID percent-encoded) is one-to-one and never names a
+    hidden file, `.` or `..`, so two UIDs never share a path.
+    """
+    check_uid(uid)
+    if _PLAIN_UID_RE.match(uid):
+        return uid
+    return ENCODED_PREFIX + urllib.parse.quote(uid, safe="")
 
 
 def is_conformant_uid(uid: str) -> bool:
@@ -114,9 +138,9 @@ class Spool:
         """Where the current version of an instance lives; InvalidUID for unsafe UIDs."""
         return (
             self.root
-            / check_uid(study_uid)
-            / check_uid(series_uid)
-            / f"{check_uid(sop_instance_uid)}.dcm"
+            / uid_name(study_uid)
+            / uid_name(series_uid)
+            / f"{uid_name(sop_instance_uid)}.dcm"
         )
 
     def aside_path(self, path: Path, sha256: str) -> Path:
@@ -126,17 +150,17 @@ class Spool:
 
     def report_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where the report stage writes an SR (or heatmap) it created."""
-        return self.reports_dir / check_uid(study_uid) / f"{check_uid(sop_instance_uid)}.dcm"
+        return self.reports_dir / uid_name(study_uid) / f"{uid_name(sop_instance_uid)}.dcm"
 
     def cache_path(self, study_uid: str, name: str) -> Path:
         """Where analysis and report keep what they may reuse for a study (a plain name)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"not a plain file name: {name!r}")
-        return self.root / CACHE_DIR / check_uid(study_uid) / name
+        return self.root / CACHE_DIR / uid_name(study_uid) / name
 
     def drop_cache(self, study_uid: str) -> None:
         """Forget what analysis kept for a study: it can all be computed again."""
-        folder = self.root / CACHE_DIR / check_uid(study_uid)
+        folder = self.root / CACHE_DIR / uid_name(study_uid)
         if folder.is_dir():
             shutil.rmtree(folder)
 

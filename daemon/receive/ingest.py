@@ -72,7 +72,7 @@ from daemon.db import audit
 from daemon.db.schema import Instance, Study, UTCDateTime
 from daemon.dicom import status
 from daemon.logsetup import kv
-from daemon.spool import InvalidUID, Spool, check_uid
+from daemon.spool import InvalidUID, Spool, check_uid, is_conformant_uid
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ WRITER_LOCK = ".receive-writer.lock"
 # Threads writing temporary files; more concurrent stores wait for one (the disk serializes
 # their flushes anyway).
 FILE_WRITERS = 8
-AUDITED_STUDIES = 1024
+# How many studies the receiver remembers it audited, or warned about, per process.
+REMEMBERED_STUDIES = 1024
 
 
 class Outcome(enum.Enum):
@@ -122,6 +123,35 @@ class Identifiers:
     sop_class_uid: str
     modality: str | None
     body_part: str | None
+
+    def instance_uids(self) -> tuple[tuple[str, str], ...]:
+        """(attribute, UID) of the UIDs that name what is kept: study, series, instance."""
+        return (
+            ("StudyInstanceUID", self.study_uid),
+            ("SeriesInstanceUID", self.series_uid),
+            ("SOPInstanceUID", self.sop_instance_uid),
+        )
+
+    def malformed(self) -> tuple[str, ...]:
+        """The attributes whose UID breaks PS3.5's rules (kept all the same, encoded on disk)."""
+        return tuple(kw for kw, uid in self.instance_uids() if not is_conformant_uid(uid))
+
+
+class _RecentKeys:
+    """The last `limit` keys seen, oldest forgotten first: a bounded memory of done work."""
+
+    def __init__(self, limit: int = REMEMBERED_STUDIES) -> None:
+        self._keys: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        self._limit = limit
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: Any) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -269,11 +299,11 @@ def check_request(req: Request) -> Identifiers:
             "SOP instance mismatch",
             f"command {req.sop_instance_uid}, dataset {ids.sop_instance_uid}",
         )
-    try:
-        for uid in (ids.study_uid, ids.series_uid, ids.sop_instance_uid):
+    for attribute, uid in ids.instance_uids():
+        try:
             check_uid(uid)
-    except InvalidUID as exc:
-        raise Refused(status.INVALID_UID, "invalid UID", str(exc)) from exc
+        except InvalidUID as exc:
+            raise Refused(status.INVALID_UID, "invalid UID", f"{attribute}: {exc}") from exc
     return ids
 
 
@@ -351,7 +381,9 @@ class Ingestor:
         self._last_space_warning: float | None = None
         self._closed = False
         # Audit rows are never deleted, so a study found here needs no look-up.
-        self._audited: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._audited = _RecentKeys()
+        # (study, attributes) already warned about: one line per study, not one per slice.
+        self._warned_malformed = _RecentKeys()
         self._writers = concurrent.futures.ThreadPoolExecutor(
             FILE_WRITERS, thread_name_prefix="spool-write"
         )
@@ -422,6 +454,7 @@ class Ingestor:
             outcome.value,
             extra=kv(sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=req.calling_ae),
         )
+        self._warn_malformed(ids, req)
         if self.on_stored is not None:
             self.on_stored(ids.study_uid)
         return response(status.SUCCESS)
@@ -451,6 +484,25 @@ class Ingestor:
             ),
         )
         return response(refused.code, refused.reason)
+
+    def _warn_malformed(self, ids: Identifiers, req: Request) -> None:
+        """Say once per study which attributes carry a malformed UID that was kept anyway."""
+        malformed = ids.malformed()
+        if not malformed:
+            return
+        with self._warn_lock:
+            if (ids.study_uid, malformed) in self._warned_malformed:
+                return
+            self._warned_malformed.add((ids.study_uid, malformed))
+        log.warning(
+            "malformed UID stored (not digits and dots as PS3.5 requires)",
+            extra=kv(
+                attribute=",".join(malformed),
+                sop=ids.sop_instance_uid,
+                study=ids.study_uid,
+                calling_ae=req.calling_ae,
+            ),
+        )
 
     def _warn_space(self) -> None:
         now = self._clock()
@@ -559,7 +611,8 @@ class Ingestor:
                 for item in pending:
                     item.finish(exc)
                 return
-            self._remember_audited(received)
+            for uid in received:
+                self._audited.add(uid)
             again = []
             for item, result in zip(pending, results, strict=True):
                 if result is None:
@@ -567,14 +620,6 @@ class Ingestor:
                 else:
                     item.finish(result)
             pending = again
-
-    def _remember_audited(self, study_uids: set[str]) -> None:
-        """Studies whose "study received" event is committed: later instances skip the look-up."""
-        for uid in study_uids:
-            self._audited[uid] = None
-            self._audited.move_to_end(uid)
-        while len(self._audited) > AUDITED_STUDIES:
-            self._audited.popitem(last=False)
 
     def _record(self, conn: Connection, item: _Pending) -> Outcome | Refused | OSError | None:
         """One instance's step in a transaction; None when it must go again after commit.

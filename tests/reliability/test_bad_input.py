@@ -339,8 +339,8 @@ def _cases() -> list[Case]:
         ("status", status.INVALID_UID),
     )
     add(
-        "uid-with-letters",
-        lambda sop: _with_uid("SeriesInstanceUID", "1.2.abc.4", sop),
+        "uid-with-control-character",
+        lambda sop: _with_uid("SeriesInstanceUID", "1.2.\x1b[2J.4", sop),
         ("status", status.INVALID_UID),
     )
     add(

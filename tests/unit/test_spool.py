@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon import spool as spool_module
-from daemon.spool import InvalidUID, Spool
+from daemon.spool import InvalidUID, Spool, uid_name
 
 
 @pytest.fixture
@@ -25,10 +25,22 @@ def test_instance_path_follows_study_series_instance(spool: Spool) -> None:
     assert path == spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
 
 
-@pytest.mark.parametrize("uid", ["", "../../etc", "1.2/3", "1.2.3" + ".4" * 40, "1..2", "1.2 "])
+UNSAFE_UIDS = ["", "../../etc", "..", "1.2/3", "1.2\\3", "1.2" + ".4" * 40, "1..2", "1\n3", "1\x7f"]
+
+
+@pytest.mark.parametrize("uid", UNSAFE_UIDS)
 def test_unsafe_uids_do_not_become_paths(spool: Spool, uid: str) -> None:
     with pytest.raises(InvalidUID):
         spool.instance_path("1.2", "1.3", uid)
+
+
+def test_a_malformed_but_harmless_uid_gets_an_encoded_name_of_its_own(spool: Spool) -> None:
+    hex_uid = "dccc9599087131742838cc1162a630fea87ba9bf61ac09bfda90d4adfa5ddaed"
+    path = spool.instance_path(hex_uid, "1.2.abc", ".")
+    assert path == spool.root / f"~{hex_uid}" / "~1.2.abc" / "~..dcm"
+    names = {uid_name(uid) for uid in ("1.2", "~1.2", "1.2 ", "1.2%20", "a b", "a%20b", ".", "0.1")}
+    assert len(names) == 8, "two UIDs share a name"
+    assert uid_name("01.002") == "01.002", "plain digits and dots name themselves"
 
 
 def test_write_atomic_returns_size_and_sha256_and_leaves_no_temp(spool: Spool) -> None:

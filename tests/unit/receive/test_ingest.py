@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -133,12 +134,32 @@ def test_command_and_dataset_must_agree(tmp_path: Path) -> None:
     assert err.value.code == status.SOP_INSTANCE_MISMATCH
 
 
-def test_uid_that_cannot_be_a_path_is_refused(tmp_path: Path) -> None:
+def test_uid_that_cannot_be_a_path_is_refused_naming_the_attribute(tmp_path: Path) -> None:
     ds = ct()
     ds.StudyInstanceUID = "1.2.3/../../etc"
     with pytest.raises(Refused) as err:
         check_request(request(ds, tmp_path))
     assert err.value.code == status.INVALID_UID
+    assert err.value.detail.startswith("StudyInstanceUID: ")
+
+
+def test_harmless_malformed_uids_are_stored_under_encoded_names_and_warned_once_per_study(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study, series = "05fa52f0e599f17b8186ff18fcdf2b55", "1.2.0840.abc"
+    slices = [ct(like=None), ct(like=None)]
+    for ds in slices:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    with caplog.at_level(logging.WARNING, logger="daemon.receive"):
+        for ds in slices:
+            assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    warned = [r for r in caplog.records if "malformed UID" in r.getMessage()]
+    assert len(warned) == 1, "one line per study, not one per instance"
+    assert warned[0].kv["attribute"] == "StudyInstanceUID,SeriesInstanceUID"  # type: ignore[attr-defined]
+    assert len(rows(engine)) == 2
+    for row in rows(engine):
+        assert Path(row.path).parent == ingestor.spool.root / f"~{study}" / "~1.2.0840.abc"
+        assert Path(row.path).is_file()
 
 
 # Storage and its crash safety -------------------------------------------------------------
