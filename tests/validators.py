@@ -4,6 +4,11 @@ dciodvfy (dicom3tools) works on any IOD, so Secondary Capture tests can use it a
 PixelMed's DicomSRValidator and DCMTK's dsrdump are for Structured Reports. Tests call
 :func:`require` first: a missing tool fails the test when ``CI`` is set and skips it
 otherwise.
+
+No verdict passes on silence: each needs its validator's positive marker (the IOD
+dciodvfy recognised, PixelMed's "Root Template Validation Complete", the document type
+dsrdump rendered), so a missing or non-DICOM file fails every check
+(tests/interop/test_validator_checks.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,24 @@ TIMEOUT_S = 180
 
 _UNRECOGNIZED_SCHEME = re.compile(
     r"Unrecognized defined term <([^>]*)> for value \d+ of attribute <Coding Scheme Designator>"
+)
+# dciodvfy's first line on a file it read: the IOD's name and nothing else.
+_IOD_NAME = re.compile(r"^[A-Za-z0-9]+$")
+# dsrdump's first line on a document it rendered, e.g. "Comprehensive 3D SR Document".
+_SR_DOCUMENT = re.compile(r"^[A-Za-z0-9 ]+ Document$")
+
+# dicom3tools 2022 predates Device UID (0018,1002) in Contributing Equipment items, which
+# IHE AIR asks for; it reports such an object as "Standard Extended" for it.
+KNOWN_SR_WARNINGS = (
+    "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Dicom dataset contains attributes not present in standard DICOM IOD - "
+    "this is a Standard Extended SOP Class",
+)
+# Where neither body part nor laterality of the source is known, a capture's Laterality is
+# present and empty (Type 2C, "unknown"), which dciodvfy only warns about.
+KNOWN_SC_WARNINGS = (
+    *KNOWN_SR_WARNINGS,
+    "is only permitted to be empty when actually unknown",
 )
 
 
@@ -97,6 +120,12 @@ class DciodvfyVerdict:
         """The warnings that are not about coding scheme designators."""
         return tuple(w for w in self.warnings if not _UNRECOGNIZED_SCHEME.search(w))
 
+    def unexpected_warnings(self, known: tuple[str, ...]) -> list[str]:
+        """Warnings, coding schemes aside, that none of the `known` ones explain."""
+        return [
+            w for w in self.warnings_except_coding_schemes() if not any(k in w for k in known)
+        ]
+
 
 def run_dciodvfy(path: str | os.PathLike[str]) -> DciodvfyVerdict:
     """Validate any DICOM file against its IOD with dicom3tools' dciodvfy."""
@@ -104,8 +133,8 @@ def run_dciodvfy(path: str | os.PathLike[str]) -> DciodvfyVerdict:
     lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     errors = tuple(line for line in lines if line.startswith(("Error", "Abort")))
     warnings = tuple(line for line in lines if line.startswith("Warning"))
-    first = lines[0] if lines else ""
-    iod = "" if first.startswith(("Error", "Warning", "Abort")) else first.strip()
+    first = lines[0].strip() if lines else ""
+    iod = first if _IOD_NAME.match(first) else ""
     return DciodvfyVerdict(iod=iod, errors=errors, warnings=warnings, output=output)
 
 
@@ -147,18 +176,22 @@ def run_pixelmed_sr(path: str | os.PathLike[str]) -> PixelMedVerdict:
 
 @dataclass(frozen=True)
 class DsrdumpVerdict:
-    """Whether DCMTK could parse and render the SR document."""
+    """Whether DCMTK could parse and render the SR document, and which kind it rendered."""
 
     returncode: int
+    document: str
     output: str
 
     @property
     def ok(self) -> bool:
-        """dsrdump exits 0 only when it read the whole document tree."""
-        return self.returncode == 0
+        """dsrdump read the whole document tree (exit 0) and named the document it rendered."""
+        return self.returncode == 0 and bool(self.document)
 
 
 def run_dsrdump(path: str | os.PathLike[str]) -> DsrdumpVerdict:
     """Parse an SR with DCMTK's dsrdump."""
     result = _run([DSRDUMP, os.fspath(path)])
-    return DsrdumpVerdict(returncode=result.returncode, output=result.stdout)
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    document = first if _SR_DOCUMENT.match(first) else ""
+    return DsrdumpVerdict(returncode=result.returncode, document=document, output=result.stdout)

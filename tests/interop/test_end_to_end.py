@@ -1,4 +1,5 @@
-"""A study sent by DCMTK becomes a validated SR in a real Orthanc, in the same study, once."""
+"""A study sent by DCMTK becomes an SR in a real Orthanc, in the same study, once; the SR and
+every heatmap, fetched back from Orthanc, pass dciodvfy, PixelMed and dsrdump."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import pytest
 from tests.daemon_proc import Daemon, storescu, wait_for
 from tests.interop.conftest import daemon_config
 from tests.peers import Modality, Orthanc, require_dcmtk, require_orthanc
+from tests.validators import (
+    KNOWN_SC_WARNINGS,
+    KNOWN_SR_WARNINGS,
+    require,
+    run_dciodvfy,
+    run_dsrdump,
+    run_pixelmed_sr,
+)
 
 
 def _series(tmp_path: Path, *, lesion: bool, seed: int, slices: int = 6) -> list[Path]:
@@ -49,6 +58,37 @@ def _recorded(daemon: Daemon) -> list[dict[str, Any]]:
     return daemon.cli_json("jobs", "show", str(jobs[0]["id"]))["results"]
 
 
+def _assert_valid_dciodvfy(path: Path, iod: str, known: tuple[str, ...]) -> None:
+    verdict = run_dciodvfy(path)
+    assert verdict.iod == iod, verdict.output
+    assert verdict.errors == (), verdict.output
+    assert verdict.unexpected_warnings(known) == [], verdict.output
+    declared = {
+        str(item.CodingSchemeDesignator)
+        for item in pydicom.dcmread(path).get("CodingSchemeIdentificationSequence", [])
+    }
+    assert verdict.unrecognized_coding_schemes() <= declared, verdict.output
+
+
+def _assert_what_orthanc_holds_is_valid(orthanc: Orthanc, study_uid: str, folder: Path) -> None:
+    """The SR and every heatmap as the PACS keeps them, fetched over its REST API."""
+    (sr_id,) = orthanc.find_instances(study_uid, "SR")
+    sr = folder / "sr-from-orthanc.dcm"
+    sr.write_bytes(orthanc.instance_dicom(sr_id))
+    _assert_valid_dciodvfy(sr, "Comprehensive3DSR", KNOWN_SR_WARNINGS)
+    pixelmed = run_pixelmed_sr(sr)
+    assert pixelmed.ok, pixelmed.output
+    dsrdump = run_dsrdump(sr)
+    assert dsrdump.document == "Comprehensive 3D SR Document", dsrdump.output
+    assert dsrdump.ok, dsrdump.output
+    heatmaps = orthanc.find_instances(study_uid, "OT")
+    assert heatmaps, "no heatmap reached the PACS"
+    for index, heatmap_id in enumerate(heatmaps):
+        heatmap = folder / f"heatmap-{index}-from-orthanc.dcm"
+        heatmap.write_bytes(orthanc.instance_dicom(heatmap_id))
+        _assert_valid_dciodvfy(heatmap, "SCImage", KNOWN_SC_WARNINGS)
+
+
 def _orthanc_for(daemon_port: int) -> Orthanc:
     return Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", daemon_port)])
 
@@ -70,6 +110,7 @@ def test_study_from_storescu_arrives_in_orthanc_as_one_sr_with_the_recorded_find
 ) -> None:
     require_dcmtk()
     require_orthanc()
+    require("dciodvfy", "pixelmed", "dsrdump")
     config = daemon_config(tmp_path, demo_models, database_url=database_url)
     with _orthanc_for(config["dicom"]["port"]) as orthanc:
         config["destinations"] = [_destination(orthanc)]
@@ -99,8 +140,8 @@ def test_study_from_storescu_arrives_in_orthanc_as_one_sr_with_the_recorded_find
         assert len(orthanc.find_sr(study_uid)) == 1
         # The Grad-CAM overlays analysis left for the report are gone once their Secondary
         # Captures are written: nothing reads them again.
-        assert orthanc.find_instances(study_uid, "OT"), "no heatmap reached the PACS"
         assert not list(Path(config["storage"]["spool_dir"]).rglob("*.npy"))
+        _assert_what_orthanc_holds_is_valid(orthanc, study_uid, tmp_path)
 
 
 def test_report_waits_for_an_orthanc_that_was_down_and_is_delivered_once_it_starts(

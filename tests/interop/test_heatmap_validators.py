@@ -26,6 +26,8 @@ from daemon.report import (
 from models.phantom import write_series
 from tests.unit.report.studies import DEVICE, ct_series, ct_small, image_finding, series_finding
 from tests.validators import (
+    KNOWN_SC_WARNINGS,
+    KNOWN_SR_WARNINGS,
     DciodvfyVerdict,
     missing_tools,
     require,
@@ -33,17 +35,6 @@ from tests.validators import (
     run_dsrdump,
     run_pixelmed_sr,
 )
-
-# dicom3tools 2022 predates Device UID in Contributing Equipment (IHE AIR asks for it), and
-# where neither body part nor laterality of the source is known the capture's Laterality is
-# present and empty (Type 2C, "unknown"), which dciodvfy only warns about.
-KNOWN_SC_WARNINGS = (
-    "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
-    "Dicom dataset contains attributes not present in standard DICOM IOD - "
-    "this is a Standard Extended SOP Class",
-    "is only permitted to be empty when actually unknown",
-)
-KNOWN_SR_WARNINGS = KNOWN_SC_WARNINGS[:2]
 
 
 def _capture(source: Dataset, finding: Finding, *, frame: int | None = None) -> Dataset:
@@ -128,13 +119,6 @@ def _sr_with_heatmaps(sop_class: str) -> tuple[Dataset, list[Dataset]]:
     return sr, captures
 
 
-def _unexpected(verdict: DciodvfyVerdict, known: tuple[str, ...]) -> list[str]:
-    """Warnings that none of the known ones explain."""
-    return [
-        w for w in verdict.warnings_except_coding_schemes() if not any(k in w for k in known)
-    ]
-
-
 @pytest.fixture(scope="module")
 def sc_verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DciodvfyVerdict | None]:
     """Each capture written as the daemon writes it, then checked once by dciodvfy."""
@@ -167,7 +151,7 @@ def test_dciodvfy_finds_a_secondary_capture_and_no_error(sc_verdicts, variant):
 
     assert verdict.iod == "SCImage", verdict.output
     assert verdict.errors == (), verdict.output
-    assert _unexpected(verdict, KNOWN_SC_WARNINGS) == [], verdict.output
+    assert verdict.unexpected_warnings(KNOWN_SC_WARNINGS) == [], verdict.output
 
 
 def test_a_source_with_known_body_part_makes_no_laterality_warning(sc_verdicts):
@@ -175,7 +159,7 @@ def test_a_source_with_known_body_part_makes_no_laterality_warning(sc_verdicts):
     verdict = sc_verdicts["phantom_file"]
     assert verdict is not None
 
-    assert _unexpected(verdict, KNOWN_SR_WARNINGS) == [], verdict.output
+    assert verdict.unexpected_warnings(KNOWN_SR_WARNINGS) == [], verdict.output
 
 
 def test_dciodvfy_accepts_the_sr_referencing_heatmaps(sr_files):
@@ -184,7 +168,7 @@ def test_dciodvfy_accepts_the_sr_referencing_heatmaps(sr_files):
 
     assert verdict.iod in ("Comprehensive3DSR", "EnhancedSR"), verdict.output
     assert verdict.errors == (), verdict.output
-    assert _unexpected(verdict, KNOWN_SR_WARNINGS) == [], verdict.output
+    assert verdict.unexpected_warnings(KNOWN_SR_WARNINGS) == [], verdict.output
 
 
 def test_pixelmed_validates_the_sr_referencing_heatmaps(sr_files):
