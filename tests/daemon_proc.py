@@ -172,10 +172,14 @@ class Daemon:
             raise
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (serve and its workers)."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL the whole process group: serve and its workers, or what is left of them."""
+        if self.proc is None:
+            return
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        self.proc.wait(10)
 
     def __enter__(self) -> Daemon:
         return self.start()

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,17 +89,9 @@ def require_strace() -> None:
         pytest.skip("strace not installed")
 
 
-@contextmanager
-def traced(pid: int, out: Path, calls: str = DURABILITY_CALLS) -> Iterator[Path]:
-    """Trace the process `pid` and every thread and child it has or makes, into `out`.
-
-    Yields once strace has attached; the trace is complete after the traced process ends
-    (strace then exits) or when the block leaves (strace is stopped).
-    """
-    command: Sequence[str] = [
-        STRACE, "-f", "-qq", "-yy", "-s", "4096", "-e", f"trace={calls}", "-o", str(out),
-        "-p", str(pid),
-    ]  # fmt: skip
+def _attach(pid: int, out: Path, *options: str) -> subprocess.Popen[str]:
+    """strace `pid`, every thread and every child it makes, into `out`; returns once attached."""
+    command = [STRACE, "-f", "-qq", "-yy", "-o", str(out), *options, "-p", str(pid)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not (out.exists() and _attached(pid)):
@@ -107,15 +99,50 @@ def traced(pid: int, out: Path, calls: str = DURABILITY_CALLS) -> Iterator[Path]
             why = proc.stderr.read() if proc.stderr else ""
             raise RuntimeError(f"strace did not attach: {why}")
         time.sleep(0.05)
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    """Wait for strace to follow its tracee out, or stop it."""
+    if proc.poll() is None:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def traced(pid: int, out: Path, calls: str = DURABILITY_CALLS) -> Iterator[Path]:
+    """Trace the process `pid` and every thread and child it has or makes, into `out`.
+
+    Yields once strace has attached; the trace is complete after the traced process ends
+    (strace then exits) or when the block leaves (strace is stopped).
+    """
+    proc = _attach(pid, out, "-s", "4096", "-e", f"trace={calls}")
     try:
         yield out
     finally:
-        if proc.poll() is None:
-            try:
-                proc.wait(30)  # the traced process ended: strace follows
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        _finish(proc)
+
+
+@contextmanager
+def killed_at_write(pid: int, path: Path, nth: int, out: Path) -> Iterator[Path]:
+    """SIGKILL the process `pid` as one of its threads enters its `nth` write to `path`.
+
+    strace's fault injection: the write never happens, and the trace in `out` shows what
+    it would have written (so a test can prove which transaction the kill cut short).
+    """
+    proc = _attach(
+        pid,
+        out,
+        *("-s", "65536", "-P", str(path), "-e", "trace=write,pwrite64"),
+        *("-e", f"inject=write,pwrite64:signal=SIGKILL:when={nth}"),
+    )
+    try:
+        yield out
+    finally:
+        _finish(proc)
 
 
 def _attached(pid: int) -> bool:

@@ -22,11 +22,13 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedSRStorage,
 )
+from sqlalchemy import text
 
 from tests.daemon_proc import Daemon, storescu, wait_for, worker_pids
 from tests.interop.conftest import daemon_config
 from tests.peers import Modality, Orthanc, RecordingSCP, require_dcmtk, require_orthanc
 from tests.reliability import harness as h
+from tests.strace import killed_at_write, parse, require_strace
 
 # Short leases: a killed worker's job is back in the queue within lease + one reaper pass.
 LEASE_SECONDS = 5
@@ -284,5 +286,95 @@ def test_serve_killed_after_the_pacs_stored_the_sr_before_it_was_marked_sent_res
             assert len(received) >= 2, "the SR was not sent again"
             assert len(set(received)) == 1, f"the resend made another SR: {received}"
             h.assert_one_sr_per_version(engine, study_uid, set(received))
+        finally:
+            engine.dispose()
+
+
+def _version_and_analyses(engine: Any, study_uid: str) -> tuple[int, int]:
+    """The study's open version, and how many analyse jobs exist for it."""
+    with engine.connect() as conn:
+        version = conn.execute(
+            text("SELECT version FROM studies WHERE study_uid = :uid"), {"uid": study_uid}
+        ).scalar_one()
+    return int(version), len(h.jobs(engine, "analyse"))
+
+
+def _kill_sqlite_closer(daemon: Daemon, tmp_path: Path, study_uid: str) -> None:
+    """SIGKILL serve as it writes the closing transaction's second WAL frame (its first page).
+
+    Nothing else in serve writes then: the series is stored, early analysis is off, the
+    worker is another process. The killed write carries the study's rows, so the kill fell
+    inside the transaction that closes the version and queues its analysis.
+    """
+    assert daemon.proc is not None
+    wal = Path(f"{daemon.config['storage']['database_url'].removeprefix('sqlite:///')}-wal")
+    with killed_at_write(daemon.proc.pid, wal, 2, tmp_path / "kill.strace") as trace:
+        daemon.proc.wait(60)
+    killed = [c for c in parse(trace.read_text()) if c.name in ("write", "pwrite64")][-1]
+    assert "= ?" in killed.text and study_uid in killed.text, trace.read_text()[-2000:]
+
+
+def _kill_postgres_closer(daemon: Daemon, engine: Any, study_uid: str) -> None:
+    """Hold the study's row so the closer waits inside its transaction, prove it, SIGKILL.
+
+    The closing UPDATE blocked by our lock is in pg_stat_activity; serve dies with it held.
+    """
+    with engine.connect() as conn, conn.begin():
+        conn.execute(
+            text("SELECT id FROM studies WHERE study_uid = :uid FOR UPDATE"), {"uid": study_uid}
+        )
+
+        def closer_waits() -> str | None:
+            # pg_stat_activity is read once per transaction unless told to look again.
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            return conn.execute(
+                text(
+                    "SELECT query FROM pg_stat_activity"
+                    " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                )
+            ).scalar_one_or_none()
+
+        blocked = wait_for(closer_waits, 60, "the closing transaction to wait on the study row")
+        assert blocked.startswith("UPDATE studies SET version"), blocked
+        daemon.kill()
+
+
+def test_serve_killed_inside_the_transaction_that_closes_a_version_queues_it_once(
+    tmp_path: Path,
+    demo_models: Path,
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """kill -9 while a version is being closed and its analysis queued: the transaction is
+    lost whole (the version stays open, no job), and after a restart the sweep closes it
+    once: one analysis, one SR."""
+    require_dcmtk()
+    require_orthanc()
+    require_strace()
+    files = _series(tmp_path, slices=6, seed=25)
+    study_uid = _study_uid(files)
+    config = _config(tmp_path, demo_models, database_url)
+    config["assembly"].update(quiet_seconds=3, early_seconds=0)
+    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
+        config["destinations"] = [_orthanc_destination(pacs)]
+        daemon = make_daemon(config).start()
+        engine = h.daemon_database(daemon)
+        try:
+            assert storescu(daemon.port, files).returncode == 0
+            assert _version_and_analyses(engine, study_uid) == (1, 0), "closed too early"
+            if database_url.startswith("sqlite"):
+                _kill_sqlite_closer(daemon, tmp_path, study_uid)
+            else:
+                _kill_postgres_closer(daemon, engine, study_uid)
+            daemon.kill()  # what is left of the process group: the worker
+            assert _version_and_analyses(engine, study_uid) == (1, 0), "the kill came too late"
+            assert "study queued for analysis" not in daemon.log()
+
+            daemon.start()
+            _wait_settled(engine, "the version closed, analysed, reported and sent")
+            assert _version_and_analyses(engine, study_uid) == (2, 1)
+            assert [(j.state, j.attempts) for j in h.jobs(engine, "analyse")] == [("done", 1)]
+            h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
+            assert len(_sr_uids(pacs, study_uid)) == 1
         finally:
             engine.dispose()
