@@ -8,9 +8,10 @@ and each analysed study version reported by exactly one SR (one SOP Instance UID
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,21 @@ def _orthanc_destination(orthanc: Orthanc) -> dict[str, Any]:
         "host": "127.0.0.1",
         "port": orthanc.dicom_port,
     }
+
+
+@contextlib.contextmanager
+def _serving_to_orthanc(
+    config: dict[str, Any], make_daemon: Callable[..., Daemon]
+) -> Iterator[tuple[Orthanc, Daemon, Any]]:
+    """A real Orthanc as the destination, the daemon serving to it, and its database."""
+    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
+        config["destinations"] = [_orthanc_destination(pacs)]
+        daemon = make_daemon(config).start()
+        engine = h.daemon_database(daemon)
+        try:
+            yield pacs, daemon, engine
+        finally:
+            engine.dispose()
 
 
 def _settled(engine: Any) -> bool:
@@ -131,39 +147,33 @@ def test_receiver_killed_mid_association_keeps_each_acknowledged_instance_once(
     files = _series(tmp_path, slices=40, seed=21)
     study_uid = _study_uid(files)
     config = _config(tmp_path, demo_models, database_url)
-    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
-        config["destinations"] = [_orthanc_destination(pacs)]
-        daemon = make_daemon(config).start()
-        engine = h.daemon_database(daemon)
-        try:
-            sender = _SlowSender(daemon.port, files, gap_s=0.03)
-            sender.start()
-            wait_for(lambda: len(sender.acknowledged) >= 15, 120, "15 acknowledged instances")
-            daemon.kill()  # serve, its receiver threads and the workers, mid-association
-            sender.join(60)
-            acknowledged = list(sender.acknowledged)
-            assert sender.failed_at is not None, "the kill came after the whole series"
-            assert 15 <= len(acknowledged) < len(files)
+    with _serving_to_orthanc(config, make_daemon) as (pacs, daemon, engine):
+        sender = _SlowSender(daemon.port, files, gap_s=0.03)
+        sender.start()
+        wait_for(lambda: len(sender.acknowledged) >= 15, 120, "15 acknowledged instances")
+        daemon.kill()  # serve, its receiver threads and the workers, mid-association
+        sender.join(60)
+        acknowledged = list(sender.acknowledged)
+        assert sender.failed_at is not None, "the kill came after the whole series"
+        assert 15 <= len(acknowledged) < len(files)
 
-            stored = {r.sop_instance_uid for r in h.instance_rows(engine)}
-            assert set(acknowledged) <= stored, "an acknowledged instance was lost"
-            h.assert_spool_holds_only_committed_instances(
-                tmp_path / "spool", engine, unnamed_allowed=True
-            )
+        stored = {r.sop_instance_uid for r in h.instance_rows(engine)}
+        assert set(acknowledged) <= stored, "an acknowledged instance was lost"
+        h.assert_spool_holds_only_committed_instances(
+            tmp_path / "spool", engine, unnamed_allowed=True
+        )
 
-            daemon.start()
-            sent = storescu(daemon.port, files)
-            assert sent.returncode == 0, sent.stderr
-            rows = h.instance_rows(engine)
-            sops = [r.sop_instance_uid for r in rows]
-            assert len(sops) == len(set(sops)) == len(files), "each instance stored once"
-            assert set(sops) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
-            h.assert_spool_holds_only_committed_instances(tmp_path / "spool", engine)
+        daemon.start()
+        sent = storescu(daemon.port, files)
+        assert sent.returncode == 0, sent.stderr
+        rows = h.instance_rows(engine)
+        sops = [r.sop_instance_uid for r in rows]
+        assert len(sops) == len(set(sops)) == len(files), "each instance stored once"
+        assert set(sops) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+        h.assert_spool_holds_only_committed_instances(tmp_path / "spool", engine)
 
-            _wait_settled(engine, "every version analysed, reported and sent")
-            h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
-        finally:
-            engine.dispose()
+        _wait_settled(engine, "every version analysed, reported and sent")
+        h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
 
 
 def test_worker_killed_during_analysis_is_restarted_and_the_study_reported_once(
@@ -178,37 +188,31 @@ def test_worker_killed_during_analysis_is_restarted_and_the_study_reported_once(
     study_uid = _study_uid(files)
     config = _config(tmp_path, demo_models, database_url)
     config["assembly"]["early_seconds"] = 0  # the CNN runs inside the analysis the kill hits
-    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
-        config["destinations"] = [_orthanc_destination(pacs)]
-        daemon = make_daemon(config).start()
-        engine = h.daemon_database(daemon)
-        try:
-            assert storescu(daemon.port, files).returncode == 0
-            job = wait_for(
-                lambda: h.running_job(engine, "analyse"), 120, "the analyse job running", 0.02
-            )
-            victim = h.lease_pid(job)
-            assert victim in worker_pids(daemon)
-            h.sigkill(victim)
-            held = h.jobs(engine, "analyse")[0]
-            assert (held.state, held.lease_owner) == ("running", job.lease_owner), (
-                "the worker finished before it was killed"
-            )
+    with _serving_to_orthanc(config, make_daemon) as (pacs, daemon, engine):
+        assert storescu(daemon.port, files).returncode == 0
+        job = wait_for(
+            lambda: h.running_job(engine, "analyse"), 120, "the analyse job running", 0.02
+        )
+        victim = h.lease_pid(job)
+        assert victim in worker_pids(daemon)
+        h.sigkill(victim)
+        held = h.jobs(engine, "analyse")[0]
+        assert (held.state, held.lease_owner) == ("running", job.lease_owner), (
+            "the worker finished before it was killed"
+        )
 
-            wait_for(
-                lambda: [p for p in worker_pids(daemon) if p != victim],
-                120,
-                "the pool to start a new worker",
-            )
-            _wait_settled(engine, "the reclaimed analysis to be reported and sent")
-            analysed = h.jobs(engine, "analyse")
-            assert [(j.state, j.attempts) for j in analysed] == [("done", 2)]
-            assert "worker died, restarting" in daemon.log()
-            assert "expired leases returned to the queue" in daemon.log()
-            h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
-            assert len(_sr_uids(pacs, study_uid)) == 1
-        finally:
-            engine.dispose()
+        wait_for(
+            lambda: [p for p in worker_pids(daemon) if p != victim],
+            120,
+            "the pool to start a new worker",
+        )
+        _wait_settled(engine, "the reclaimed analysis to be reported and sent")
+        analysed = h.jobs(engine, "analyse")
+        assert [(j.state, j.attempts) for j in analysed] == [("done", 2)]
+        assert "worker died, restarting" in daemon.log()
+        assert "expired leases returned to the queue" in daemon.log()
+        h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
+        assert len(_sr_uids(pacs, study_uid)) == 1
 
 
 def test_serve_killed_while_building_the_report_resumes_with_one_sr(
@@ -222,31 +226,23 @@ def test_serve_killed_while_building_the_report_resumes_with_one_sr(
     files = _series(tmp_path, slices=12, seed=23)
     study_uid = _study_uid(files)
     config = _config(tmp_path, demo_models, database_url)
-    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
-        config["destinations"] = [_orthanc_destination(pacs)]
-        daemon = make_daemon(config).start()
-        engine = h.daemon_database(daemon)
-        try:
-            assert storescu(daemon.port, files).returncode == 0
-            job = wait_for(
-                lambda: h.running_job(engine, "report"), 120, "the report job running", 0.01
-            )
-            daemon.kill()
-            held = h.jobs(engine, "report")[0]
-            assert (held.state, held.lease_owner) == ("running", job.lease_owner), (
-                "the report was finished before the kill"
-            )
-            assert h.reports_of(engine, study_uid) == []
-            assert _sr_uids(pacs, study_uid) == []
+    with _serving_to_orthanc(config, make_daemon) as (pacs, daemon, engine):
+        assert storescu(daemon.port, files).returncode == 0
+        job = wait_for(lambda: h.running_job(engine, "report"), 120, "the report job running", 0.01)
+        daemon.kill()
+        held = h.jobs(engine, "report")[0]
+        assert (held.state, held.lease_owner) == ("running", job.lease_owner), (
+            "the report was finished before the kill"
+        )
+        assert h.reports_of(engine, study_uid) == []
+        assert _sr_uids(pacs, study_uid) == []
 
-            daemon.start()
-            _wait_settled(engine, "the report rebuilt and sent after the restart")
-            reports = h.jobs(engine, "report")
-            assert [(j.state, j.attempts) for j in reports] == [("done", 2)]
-            h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
-            assert len(_sr_uids(pacs, study_uid)) == 1
-        finally:
-            engine.dispose()
+        daemon.start()
+        _wait_settled(engine, "the report rebuilt and sent after the restart")
+        reports = h.jobs(engine, "report")
+        assert [(j.state, j.attempts) for j in reports] == [("done", 2)]
+        h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
+        assert len(_sr_uids(pacs, study_uid)) == 1
 
 
 def test_serve_killed_after_the_pacs_stored_the_sr_before_it_was_marked_sent_resends_the_same_sr(
@@ -355,26 +351,20 @@ def test_serve_killed_inside_the_transaction_that_closes_a_version_queues_it_onc
     study_uid = _study_uid(files)
     config = _config(tmp_path, demo_models, database_url)
     config["assembly"].update(quiet_seconds=3, early_seconds=0)
-    with Orthanc(modalities=[Modality("PACSAI", "127.0.0.1", config["dicom"]["port"])]) as pacs:
-        config["destinations"] = [_orthanc_destination(pacs)]
-        daemon = make_daemon(config).start()
-        engine = h.daemon_database(daemon)
-        try:
-            assert storescu(daemon.port, files).returncode == 0
-            assert _version_and_analyses(engine, study_uid) == (1, 0), "closed too early"
-            if database_url.startswith("sqlite"):
-                _kill_sqlite_closer(daemon, tmp_path, study_uid)
-            else:
-                _kill_postgres_closer(daemon, engine, study_uid)
-            daemon.kill()  # what is left of the process group: the worker
-            assert _version_and_analyses(engine, study_uid) == (1, 0), "the kill came too late"
-            assert "study queued for analysis" not in daemon.log()
+    with _serving_to_orthanc(config, make_daemon) as (pacs, daemon, engine):
+        assert storescu(daemon.port, files).returncode == 0
+        assert _version_and_analyses(engine, study_uid) == (1, 0), "closed too early"
+        if database_url.startswith("sqlite"):
+            _kill_sqlite_closer(daemon, tmp_path, study_uid)
+        else:
+            _kill_postgres_closer(daemon, engine, study_uid)
+        daemon.kill()  # what is left of the process group: the worker
+        assert _version_and_analyses(engine, study_uid) == (1, 0), "the kill came too late"
+        assert "study queued for analysis" not in daemon.log()
 
-            daemon.start()
-            _wait_settled(engine, "the version closed, analysed, reported and sent")
-            assert _version_and_analyses(engine, study_uid) == (2, 1)
-            assert [(j.state, j.attempts) for j in h.jobs(engine, "analyse")] == [("done", 1)]
-            h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
-            assert len(_sr_uids(pacs, study_uid)) == 1
-        finally:
-            engine.dispose()
+        daemon.start()
+        _wait_settled(engine, "the version closed, analysed, reported and sent")
+        assert _version_and_analyses(engine, study_uid) == (2, 1)
+        assert [(j.state, j.attempts) for j in h.jobs(engine, "analyse")] == [("done", 1)]
+        h.assert_one_sr_per_version(engine, study_uid, _sr_uids(pacs, study_uid))
+        assert len(_sr_uids(pacs, study_uid)) == 1
