@@ -342,13 +342,14 @@ def load_manifest(folder: Path) -> Manifest:
     return parse_manifest(manifest_path(folder))
 
 
-def write_manifest(manifest: Manifest, folder: Path) -> Path:
-    """Write `manifest.toml` into a model folder (the format people edit by hand)."""
+def write_manifest(manifest: Manifest, folder: Path, header: str = "") -> Path:
+    """Write `manifest.toml` into a model folder (the format people edit by hand), after
+    `header` (comments)."""
     path = folder / "manifest.toml"
     data = manifest.model_dump(mode="json", exclude_none=True)
     for key in ("format",) if manifest.format == "seed" else _SEED_ONLY:
         data.pop(key, None)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    path.write_text(header + tomli_w.dumps(data), encoding="utf-8")
     return path
 
 

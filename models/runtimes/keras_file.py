@@ -19,7 +19,7 @@ from models.runtimes.seed import tensorflow_version
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Errors Keras raises for a file it cannot rebuild (unknown class, bad config, bad weights).
-_LOAD_ERRORS = (TypeError, ValueError, KeyError, OSError, AttributeError, zipfile.BadZipFile)
+LOAD_ERRORS = (TypeError, ValueError, KeyError, OSError, AttributeError, zipfile.BadZipFile)
 
 
 def _configs(node: Any) -> Iterator[dict[str, Any]]:
@@ -38,10 +38,14 @@ def _foreign(item: dict[str, Any]) -> str | None:
     """Why Keras alone cannot rebuild an object (custom class, or a Lambda's Python code)."""
     if item.get("class_name") == "Lambda":
         return f"a Lambda layer {item.get('config', {}).get('name', '')!r} (Python code)"
-    module = item.get("module")
-    if module is None or str(module).split(".")[0] in ("keras", "builtins"):
+    if item.get("class_name") == "__keras_tensor__":
+        return None  # a reference between layers, not an object
+    module, registered = item.get("module"), str(item.get("registered_name") or "")
+    if module is not None and str(module).split(".")[0] in ("keras", "builtins") and (
+            ">" not in registered):
         return None
-    return f"custom object {item.get('registered_name') or item['class_name']!r} ({module})"
+    name = registered or item["class_name"]
+    return f"custom object {name!r}" + (f" from {module}" if module else "")
 
 
 def refuse_unsafe(path: Path) -> None:
@@ -65,7 +69,7 @@ def refuse_unsafe(path: Path) -> None:
                             "Keras layers, or export it to ONNX")
 
 
-def _input_name(model: keras.Model, index: int) -> str:
+def input_name(model: keras.Model, index: int) -> str:
     """The name of a functional model's input layer."""
     return str(model.inputs[index]._keras_history.operation.name)
 
@@ -80,13 +84,13 @@ class KerasRuntime:
         refuse_unsafe(path)
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        except _LOAD_ERRORS as error:
+        except LOAD_ERRORS as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise ManifestError(path, "weights_file", f"Keras cannot load it: {first}") from error
         self.keras_model = model
         self.version = tensorflow_version()
         spec, answers = manifest.input, manifest.output
-        names = [_input_name(model, i) for i in range(len(model.inputs))]
+        names = [input_name(model, i) for i in range(len(model.inputs))]
         if len(names) != 1:
             raise ManifestError(path, "input.name", f"the model has {len(names)} inputs "
                                 f"({', '.join(names)}); pacs-ai feeds one")

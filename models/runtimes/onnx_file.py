@@ -54,7 +54,7 @@ def providers(device: str) -> list[str]:
     return [CPU]
 
 
-def _tensor(arg: ort.NodeArg) -> Tensor:
+def tensor_of(arg: ort.NodeArg) -> Tensor:
     """An onnxruntime input or output as a `Tensor` (symbolic dimensions are dynamic)."""
     shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
     return Tensor(arg.name, shape, DTYPES.get(arg.type, arg.type))
@@ -81,14 +81,14 @@ class OnnxRuntime:
                                 f"onnxruntime cannot load it: {error}") from error
         provider = self._session.get_providers()[0].removesuffix("ExecutionProvider")
         self.version = f"onnxruntime {ort.__version__} ({provider}, opset {self.opset})"
-        inputs = {arg.name: _tensor(arg) for arg in self._session.get_inputs()}
+        inputs = {arg.name: tensor_of(arg) for arg in self._session.get_inputs()}
         if len(inputs) != 1:
             raise ManifestError(path, "input.name", f"the model has {len(inputs)} inputs "
                                 f"({', '.join(inputs)}); pacs-ai feeds one")
         self.input = inputs[pick(path, "input.name", manifest.input.name, list(inputs),
                                  "input")]
         check_input(path, manifest.input, self.input)
-        outputs = {arg.name: _tensor(arg) for arg in self._session.get_outputs()}
+        outputs = {arg.name: tensor_of(arg) for arg in self._session.get_outputs()}
         self.output = outputs[pick(path, "output.name", manifest.output.name, list(outputs),
                                    "output")]
         self.embedding: Tensor | None = None
