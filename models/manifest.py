@@ -18,6 +18,16 @@ _Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 _Positive = Annotated[int, Field(gt=0)]
 
 
+class FieldProblem(ValueError):
+    """A validator's refusal that names the field at fault (pydantic's model-level errors
+    otherwise name none)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 class ManifestError(Exception):
     """A manifest that cannot be trusted, naming the file and the field so a site can fix it."""
 
@@ -109,16 +119,18 @@ class Intensity(_Strict):
     def _fields_of_the_method(self) -> Intensity:
         method = self.normalisation
         if method != "window" and self.window != "auto":
-            raise ValueError(f"window is for normalisation = \"window\", not {method!r}")
+            raise FieldProblem("window", f"is for normalisation = \"window\", not {method!r}")
         if (self.mean is None) != (self.std is None):
-            raise ValueError("zscore takes mean and std together (or neither: measured)")
+            raise FieldProblem("mean", "zscore takes mean and std together (or neither: "
+                               "measured on the input)")
         if method != "zscore" and self.mean is not None:
-            raise ValueError(f"mean and std are for normalisation = \"zscore\", not {method!r}")
+            raise FieldProblem("mean", f"is for normalisation = \"zscore\", not {method!r}")
         if method == "range":
             if self.min is None or self.max is None or not self.min < self.max:
-                raise ValueError("range needs min < max (the values mapped onto 0 and 1)")
+                raise FieldProblem("min", "range needs min < max (the values mapped onto 0 "
+                                   "and 1)")
         elif self.min is not None or self.max is not None:
-            raise ValueError(f"min and max are for normalisation = \"range\", not {method!r}")
+            raise FieldProblem("min", f"is for normalisation = \"range\", not {method!r}")
         return self
 
 
@@ -137,13 +149,14 @@ class ModelInput(Intensity):
     @model_validator(mode="after")
     def _level_layout_shape(self) -> ModelInput:
         if LAYOUT_LEVEL[self.layout] != self.level:
-            raise ValueError(f"layout {self.layout} is not for level {self.level!r}")
+            raise FieldProblem("layout", f"{self.layout} is not for level {self.level!r}")
         wanted = 2 if self.level == "image" else 3
         if len(self.shape) != wanted:
             what = "[rows, columns]" if wanted == 2 else "[depth, rows, columns]"
-            raise ValueError(f"shape of a level {self.level!r} input is {what}")
+            raise FieldProblem("shape", f"a level {self.level!r} input is {what}")
         if self.spacing_mm is not None and self.level != "series":
-            raise ValueError("spacing_mm is for level \"series\" (a volume's slice spacing)")
+            raise FieldProblem("spacing_mm", "is for level \"series\" (a volume's slice "
+                               "spacing)")
         return self
 
     @property
@@ -218,53 +231,60 @@ class Manifest(_Strict):
         to feed it and read it."""
         seed_only = sorted(self.model_fields_set & _SEED_ONLY)
         if seed_only:
-            raise ValueError(f"{', '.join(seed_only)}: for the seed formats only; a "
-                             f"{self.format} model is described by [input] and [output]")
+            raise FieldProblem(seed_only[0], f"for the seed formats only; a {self.format} "
+                               "model is described by [input] and [output]")
         if self.input is None or self.output is None:
-            raise ValueError(f"a {self.format} model needs an [input] and an [output] section")
+            raise FieldProblem("input" if self.input is None else "output",
+                               f"a {self.format} model needs an [input] and an [output] section")
         suffix = f".{self.format}"
         if not self.weights_file.endswith(suffix):
             legacy = " (legacy .h5 whole models are refused: re-save as .keras)"
-            raise ValueError(f"weights_file of a {self.format} model is a {suffix} file"
-                             f"{legacy if self.format == 'keras' else ''}")
+            raise FieldProblem("weights_file", f"a {self.format} model is a {suffix} file"
+                               f"{legacy if self.format == 'keras' else ''}")
         if self.opset is not None and self.format != "onnx":
-            raise ValueError("opset is for an onnx model")
-        if self.heatmaps and self.format == "onnx":
-            raise ValueError("heatmaps: no Grad-CAM for an ONNX model (its gradients are not "
-                             "reachable here); set heatmaps = false")
-        if self.heatmaps and self.input.level == "series":
-            raise ValueError("heatmaps: no Grad-CAM for a 3D (level \"series\") model; "
-                             "set heatmaps = false")
-        if self.heatmaps and self.input.layout != "NHWC":
-            raise ValueError("heatmaps: Grad-CAM reads channels-last (NHWC) maps; "
-                             "set heatmaps = false")
+            raise FieldProblem("opset", "is for an onnx model")
+        if self.heatmaps:
+            self._explainable()
         if self.explain is not None and (self.format != "keras" or not self.heatmaps):
-            raise ValueError("[explain] is for a keras model with heatmaps = true")
+            raise FieldProblem("explain", "is for a keras model with heatmaps = true")
         return self._unique_classes()
+
+    def _explainable(self) -> None:
+        """Grad-CAM needs a Keras graph of 2D, channels-last maps."""
+        assert self.input is not None
+        if self.format == "onnx":
+            reason = "no Grad-CAM for an ONNX model (its gradients are not reachable here)"
+        elif self.input.level == "series":
+            reason = "no Grad-CAM for a 3D (level \"series\") model"
+        elif self.input.layout != "NHWC":
+            reason = "Grad-CAM reads channels-last (NHWC) maps"
+        else:
+            return
+        raise FieldProblem("heatmaps", f"{reason}; set heatmaps = false")
 
     def _seed_fields(self) -> Manifest:
         """The seed CNN and LSTM, as they always were."""
         if self.kind is None:
-            raise ValueError("kind: a seed model is a cnn or an lstm "
-                             "(or set format = \"keras\" or \"onnx\")")
+            raise FieldProblem("kind", "a seed model is a cnn or an lstm (or set format = "
+                               "\"keras\" or \"onnx\")")
         for section in ("input", "output", "explain", "opset"):
             if getattr(self, section) is not None:
-                raise ValueError(f"{section} is for keras and onnx models; a seed {self.kind} "
-                                 "uses input_shape and preprocessing")
+                raise FieldProblem(section, f"is for keras and onnx models; a seed "
+                                   f"{self.kind} uses input_shape and preprocessing")
         if self.kind == "cnn" and self.input_shape is None:
-            raise ValueError("a cnn needs input_shape = [rows, columns, 3]")
+            raise FieldProblem("input_shape", "a cnn needs input_shape = [rows, columns, 3]")
         if self.kind == "cnn" and self.embedding_model is not None:
-            raise ValueError("embedding_model is for an lstm only")
+            raise FieldProblem("embedding_model", "is for an lstm only")
         if self.kind == "lstm" and self.embedding_model is None:
-            raise ValueError("an lstm needs embedding_model = the name of its cnn")
+            raise FieldProblem("embedding_model", "an lstm needs the name of its cnn")
         if self.kind == "lstm" and self.input_shape is not None:
-            raise ValueError("an lstm reads embeddings: input_shape is for a cnn only")
+            raise FieldProblem("input_shape", "is for a cnn only (an lstm reads embeddings)")
         return self._unique_classes()
 
     def _unique_classes(self) -> Manifest:
         names = [label.name for label in self.classes]
         if len(set(names)) != len(names):
-            raise ValueError("class names repeat")
+            raise FieldProblem("classes", "class names repeat")
         return self
 
     @property
@@ -306,10 +326,14 @@ _SEED_ONLY = frozenset({"kind", "input_shape", "conv_filters", "embedding_width"
 def _field_of(error: ValidationError) -> tuple[str, str]:
     """The dotted field and message of a pydantic error, for `ManifestError`."""
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(manifest)"
+    loc, message = [str(part) for part in first["loc"]], first["msg"]
+    problem = first.get("ctx", {}).get("error")
+    if isinstance(problem, FieldProblem):
+        loc, message = [*loc, problem.field], problem.message
+    field = ".".join(loc) or "(manifest)"
     more = error.error_count() - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return field, first["msg"] + suffix
+    return field, message + suffix
 
 
 def manifest_path(folder: Path) -> Path:

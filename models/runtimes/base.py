@@ -80,6 +80,15 @@ def pick(path: Path, field: str, wanted: str | None, names: list[str], what: str
     return wanted
 
 
+_OTHER_LAYOUT = {"NHWC": "NCHW", "NCHW": "NHWC", "NDHWC": "NCDHW", "NCDHW": "NDHWC"}
+
+
+def _fits(tensor: Tensor, wanted: tuple[int, ...]) -> bool:
+    """Whether every static dimension of an input (past the batch) is the one wanted."""
+    return all(size is None or size == expected
+               for size, expected in zip(tensor.shape[1:], wanted, strict=True))
+
+
 def check_input(path: Path, spec: ModelInput, tensor: Tensor) -> None:
     """The file's input agrees with `[input]`: rank for the layout, batch, sizes, channels,
     dtype; a dynamic dimension accepts any size."""
@@ -92,6 +101,11 @@ def check_input(path: Path, spec: ModelInput, tensor: Tensor) -> None:
         raise ManifestError(path, "input", f"the model's input {tensor} has a fixed batch of "
                             f"{tensor.shape[0]}; pacs-ai feeds a dynamic batch or one at a time")
     wanted = item_shape(spec)
+    other = _OTHER_LAYOUT[spec.layout]
+    if not _fits(tensor, wanted) and _fits(tensor, item_shape(spec.model_copy(
+            update={"layout": other}))):
+        raise ManifestError(path, "input.layout", f"the model's input {tensor} reads "
+                            f"{other}, not {spec.layout}")
     for axis, size, expected in zip(axes, tensor.shape[1:], wanted, strict=True):
         if size is not None and size != expected:
             field = "input.channels" if axis == "channels" else "input.shape"
