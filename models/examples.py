@@ -4,6 +4,7 @@ with onnx.helper. For tests, the benchmark and trying a setup; never for clinica
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -38,26 +39,39 @@ def export_onnx(model: keras.Model, path: Path) -> Path:
 
 
 def volume_onnx(path: Path, layout: Layout = "NCDHW", *, depth: int = 8, rows: int = 16,
-                columns: int = 16, classes: int = 2, channels: int = 1, filters: int = 4,
-                softmax: bool = True, batch: int | None = None, seed: int = 0) -> Path:
-    """A small 3D classifier (Conv 3D, ReLU, global average pool, Gemm, Softmax) in either
-    layout; the same seed gives the same weights in both, so both answer alike."""
+                columns: int = 16, classes: int = 2, channels: int = 1,
+                widths: Sequence[int] = (4,), softmax: bool = True, batch: int | None = None,
+                seed: int = 0) -> Path:
+    """A 3D classifier (Conv 3D and ReLU per width, 2x2x2 max pooling between, global average
+    pool, Gemm, Softmax) in either layout; the same seed gives the same weights in both, so
+    both answer alike."""
     rng = np.random.default_rng(seed)
-    kernel = rng.normal(0.0, 0.5, (filters, channels, 3, 3, 3)).astype(np.float32)
-    dense = rng.normal(0.0, 1.0, (classes, filters)).astype(np.float32)
-    bias = rng.normal(0.0, 0.1, (classes,)).astype(np.float32)
     dims: list[int | str] = [batch or "N"]
     dims += ([channels, depth, rows, columns] if layout == "NCDHW"
              else [depth, rows, columns, channels])
-    nodes = []
-    first = "volume"
+    nodes, weights = [], []
+    current = "volume"
     if layout == "NDHWC":
         nodes.append(helper.make_node("Transpose", ["volume"], ["ncdhw"], perm=[0, 4, 1, 2, 3]))
-        first = "ncdhw"
+        current = "ncdhw"
+    previous = channels
+    for index, width in enumerate(widths):
+        if index:
+            nodes.append(helper.make_node("MaxPool", [current], [f"pool{index}"],
+                                          kernel_shape=[2, 2, 2], strides=[2, 2, 2]))
+            current = f"pool{index}"
+        scale = np.sqrt(2.0 / (27 * previous))
+        kernel = rng.normal(0.0, scale, (width, previous, 3, 3, 3)).astype(np.float32)
+        weights.append(numpy_helper.from_array(kernel, f"kernel{index}"))
+        nodes += [helper.make_node("Conv", [current, f"kernel{index}"], [f"conv{index}"],
+                                   pads=[1] * 6),
+                  helper.make_node("Relu", [f"conv{index}"], [f"relu{index}"])]
+        current, previous = f"relu{index}", width
+    dense = rng.normal(0.0, 1.0, (classes, previous)).astype(np.float32)
+    bias = rng.normal(0.0, 0.1, (classes,)).astype(np.float32)
+    weights += [numpy_helper.from_array(dense, "dense"), numpy_helper.from_array(bias, "bias")]
     nodes += [
-        helper.make_node("Conv", [first, "kernel"], ["conv"], pads=[1] * 6),
-        helper.make_node("Relu", ["conv"], ["relu"]),
-        helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+        helper.make_node("GlobalAveragePool", [current], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["features"]),
         helper.make_node("Gemm", ["features", "dense", "bias"], ["logits"], transB=1),
     ]
@@ -69,9 +83,7 @@ def volume_onnx(path: Path, layout: Layout = "NCDHW", *, depth: int = 8, rows: i
         nodes, "volume-classifier",
         [helper.make_tensor_value_info("volume", TensorProto.FLOAT, dims)],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch or "N", classes])],
-        initializer=[numpy_helper.from_array(kernel, "kernel"),
-                     numpy_helper.from_array(dense, "dense"),
-                     numpy_helper.from_array(bias, "bias")],
+        initializer=weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="pacs-ai examples")

@@ -13,7 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from models.manifest import Manifest, ManifestError, load_manifest, verified_weights
+from models.manifest import (
+    Manifest,
+    ManifestError,
+    ModelInput,
+    load_manifest,
+    verified_weights,
+)
 from models.preprocess import image_batch
 from models.runtimes import Runtime, load_runtime
 from models.runtimes.base import item_shape
@@ -172,6 +178,22 @@ def _explainable(loaded: LoadedModel) -> None:
         raise ManifestError(loaded.weights_path, "explain.layer", str(error)) from error
 
 
+def _preparer(spec: ModelInput) -> Callable[[Any], tf.Tensor]:
+    """`image_batch` traced once for grey and once for colour frames of any size and count
+    (the channel count decides the graph, so it is never left to retracing to generalise)."""
+    traced = {
+        channels: tf.function(lambda frames: image_batch(frames, spec), input_signature=[
+            tf.TensorSpec([None, None, None, channels], tf.float32)])
+        for channels in (1, 3)
+    }
+
+    def prepare(frames: Any) -> tf.Tensor:
+        frames = tf.convert_to_tensor(frames, tf.float32)
+        return traced[int(frames.shape[-1])](frames)
+
+    return prepare
+
+
 def load_model(folder: Path, manifest: Manifest | None = None, device: str = "cpu"
                ) -> LoadedModel:
     """Load one model folder as a worker will: manifest, sha256, runtime checked against the
@@ -179,14 +201,7 @@ def load_model(folder: Path, manifest: Manifest | None = None, device: str = "cp
     manifest = manifest or load_manifest(folder)
     weights = verified_weights(manifest, folder)
     runtime = load_runtime(manifest, weights, device)
-    prepare = None
-    if manifest.level == "image":
-        spec = manifest.reads
-
-        @tf.function(reduce_retracing=True)
-        def prepare(frames: tf.Tensor) -> tf.Tensor:
-            return image_batch(frames, spec)
-
+    prepare = _preparer(manifest.reads) if manifest.level == "image" else None
     loaded = LoadedModel(manifest, folder, runtime, weights, prepare)
     if manifest.heatmaps and manifest.level == "image":
         _explainable(loaded)
