@@ -17,6 +17,8 @@ PLACEHOLDER_SIZE = {"image": 224, "series": 64}  # for dimensions the file leave
 EDIT_ME = "EDIT ME: what this model is for, on which patients and images, and who validated it"
 _LAYOUTS = {4: ("NHWC", "NCHW"), 5: ("NDHWC", "NCDHW")}
 _SQUASHED = ("softmax", "sigmoid")
+# Operators that pass values on unchanged, between a final Softmax and the graph's output.
+_PASSING = ("Identity", "Reshape", "Flatten", "Squeeze", "Cast")
 
 
 @dataclass(frozen=True)
@@ -32,40 +34,31 @@ class Interface:
 
 def _keras_interface(path: Path) -> Interface:
     """A .keras file's interface, loaded in safe mode (refused as a worker would refuse it)."""
-    import keras
+    from models.runtimes.keras_file import input_name, read_model
 
-    from models.runtimes.keras_file import LOAD_ERRORS, input_name, refuse_unsafe
-
-    refuse_unsafe(path)
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except LOAD_ERRORS as error:
-        raise ManifestError(path, "weights_file", f"Keras cannot load it: {error}") from error
+    model = read_model(path)
     inputs = tuple(Tensor(input_name(model, i), tuple(t.shape), str(t.dtype))
                    for i, t in enumerate(model.inputs))
     outputs = tuple(Tensor(name, tuple(t.shape), str(t.dtype))
                     for name, t in zip(model.output_names, model.outputs, strict=True))
     last = model.layers[-1]
     activation = getattr(getattr(last, "activation", None), "__name__", "")
-    squashed = activation in _SQUASHED or last.__class__.__name__ in ("Softmax",)
+    squashed = activation in _SQUASHED or type(last).__name__ == "Softmax"
     return Interface(inputs, outputs, squashed)
 
 
 def _onnx_interface(path: Path) -> Interface:
     """An .onnx file's interface, from onnxruntime and the graph."""
-    import onnxruntime as ort
-
-    from models.runtimes.onnx_file import ORT_ERRORS, opset_of, read_proto, tensor_of
+    from models.runtimes.onnx_file import open_session, opset_of, read_proto, tensor_of
 
     proto = read_proto(path)
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except ORT_ERRORS as error:
-        raise ManifestError(path, "weights_file", f"onnxruntime cannot load it: {error}"
-                            ) from error
+    session = open_session(path)
     outputs = tuple(tensor_of(arg) for arg in session.get_outputs())
-    makers = {out: node.op_type for node in proto.graph.node for out in node.output}
-    squashed = makers.get(outputs[0].name, "") in ("Softmax", "Sigmoid")
+    makers = {out: node for node in proto.graph.node for out in node.output}
+    node, name = None, outputs[0].name
+    while (node := makers.get(name)) is not None and node.op_type in _PASSING:
+        name = node.input[0]
+    squashed = node is not None and node.op_type in ("Softmax", "Sigmoid")
     return Interface(tuple(tensor_of(arg) for arg in session.get_inputs()), outputs, squashed,
                      opset_of(proto))
 

@@ -69,6 +69,17 @@ def refuse_unsafe(path: Path) -> None:
                             "Keras layers, or export it to ONNX")
 
 
+def read_model(path: Path) -> keras.Model:
+    """A `.keras` file as Keras rebuilds it in safe mode, refused first for what would run
+    code; ManifestError with Keras' own first line otherwise."""
+    refuse_unsafe(path)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except LOAD_ERRORS as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ManifestError(path, "weights_file", f"Keras cannot load it: {first}") from error
+
+
 def input_name(model: keras.Model, index: int) -> str:
     """The name of a functional model's input layer."""
     return str(model.inputs[index]._keras_history.operation.name)
@@ -81,12 +92,7 @@ class KerasRuntime:
 
     def __init__(self, manifest: Manifest, path: Path) -> None:
         assert manifest.input is not None and manifest.output is not None  # the validator's
-        refuse_unsafe(path)
-        try:
-            model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        except LOAD_ERRORS as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise ManifestError(path, "weights_file", f"Keras cannot load it: {first}") from error
+        model = read_model(path)
         self.keras_model = model
         self.version = tensorflow_version()
         spec, answers = manifest.input, manifest.output

@@ -54,6 +54,20 @@ def providers(device: str) -> list[str]:
     return [CPU]
 
 
+def open_session(path: Path, device: str = "cpu") -> ort.InferenceSession:
+    """An onnxruntime session over the file, or one line saying why onnxruntime refuses it."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: a worker shares its CPUs with the receiver
+    # (and on a busy box spinning threads cost a third of the throughput, measured).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers(device))
+    except ORT_ERRORS as error:
+        raise ManifestError(path, "weights_file",
+                            f"onnxruntime cannot load it: {error}") from error
+
+
 def tensor_of(arg: ort.NodeArg) -> Tensor:
     """An onnxruntime input or output as a `Tensor` (symbolic dimensions are dynamic)."""
     shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
@@ -71,17 +85,7 @@ class OnnxRuntime:
         if manifest.opset is not None and manifest.opset != self.opset:
             raise ManifestError(path, "opset", f"the file has opset {self.opset}, "
                                 f"the manifest says {manifest.opset}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Idle threads sleep instead of spinning: a worker shares its CPUs with the receiver
-        # (and on a busy box spinning threads cost a third of the throughput, measured).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(path), options,
-                                                 providers=providers(device))
-        except ORT_ERRORS as error:
-            raise ManifestError(path, "weights_file",
-                                f"onnxruntime cannot load it: {error}") from error
+        self._session = open_session(path, device)
         provider = self._session.get_providers()[0].removesuffix("ExecutionProvider")
         self.version = f"onnxruntime {ort.__version__} ({provider}, opset {self.opset})"
         inputs = {arg.name: tensor_of(arg) for arg in self._session.get_inputs()}

@@ -95,3 +95,13 @@ def test_import_refuses_a_legacy_h5_and_a_folder_in_use(
     (used / "x").write_text("x")
     assert import_command(volume_onnx(tmp_path / "v.onnx"), used, "v", "1") == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_an_imported_keras_onnx_export_reads_its_final_softmax(
+    tmp_path: Path, demo_cnn_onnx: Path
+) -> None:
+    out = tmp_path / "cnn"
+    assert import_command(demo_cnn_onnx, out, "cnn", "1") == 0
+    manifest = load_manifest(out)
+    assert (manifest.answers.activation, manifest.answers.name) == ("none", "Identity:0")
+    assert check_command(out) == 0
