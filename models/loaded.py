@@ -205,5 +205,10 @@ def load_model(folder: Path, manifest: Manifest | None = None, device: str = "cp
     loaded = LoadedModel(manifest, folder, runtime, weights, prepare)
     if manifest.heatmaps and manifest.level == "image":
         _explainable(loaded)
-    probe(loaded)
+    try:
+        probe(loaded)
+    except (ValueError, tf.errors.OpError) as error:  # ManifestError passes: not a ValueError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ManifestError(weights, "input", "the model fails on a synthetic batch of the "
+                            f"declared input: {first}") from error
     return loaded
