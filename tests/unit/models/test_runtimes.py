@@ -201,3 +201,14 @@ def test_the_seed_lstm_chains_on_an_onnx_cnn_embedding(
     np.testing.assert_allclose(infer_series(series, through_onnx).series[0].probabilities,
                                infer_series(series, through_tf).series[0].probabilities,
                                atol=1e-4)
+
+
+def test_sigmoid_judges_each_class_on_its_own(tmp_path: Path, file_folder: MakeFolder) -> None:
+    loaded = load_model(file_folder(
+        "vol", volume_onnx(tmp_path / "vol.onnx", softmax=False, seed=5), input=VOLUME_INPUT,
+        output={"activation": "sigmoid"}))
+    volume = np.random.default_rng(4).random((1, 1, 8, 16, 16), dtype=np.float32)
+    logits = loaded.runtime.forward(volume).scores
+    probabilities, _ = loaded.predict(volume)
+    np.testing.assert_allclose(probabilities, 1.0 / (1.0 + np.exp(-logits)), rtol=1e-6)
+    assert probabilities.sum() != pytest.approx(1.0)
