@@ -63,11 +63,26 @@ def explain_layer(model: keras.Model, name: str | None = None) -> keras.layers.L
             layer = model.get_layer(name)
         except ValueError as error:
             raise ValueError(f"model {model.name!r} has no top-level layer {name!r}") from error
+    if isinstance(layer, keras.Model):
+        raise ValueError(f"layer {layer.name!r} is a nested model, whose maps Grad-CAM cannot "
+                         "reach: save the model flat (keras.Model(base.input, "
+                         "head(base.output)))")
     shape = getattr(layer, "output", None)
     if shape is None or len(shape.shape) != 4:
         raise ValueError(f"layer {layer.name!r} does not give (batch, rows, columns, channels) "
                          "maps")
     return layer
+
+
+def explainer(
+    model: keras.Model, name: str | None = None
+) -> tuple[keras.Model, keras.layers.Dense | None, keras.layers.Layer]:
+    """What Grad-CAM runs: the sub-model giving the explained layer's maps and the class
+    scores, the squashing head if any, and the layer; a ValueError saying why a model
+    cannot be explained (checked when the model loads)."""
+    target = explain_layer(model, name)
+    scorer, head = _score_model(model, target)
+    return scorer, head, target
 
 
 def _score_model(
@@ -190,8 +205,7 @@ def gradcam(
     classes = int(model.output.shape[-1])
     if not 0 <= class_index < classes:
         raise ValueError(f"class_index {class_index} outside the model's {classes} classes")
-    target = explain_layer(model, layer)
-    scorer, head = _score_model(model, target)
+    scorer, head, target = explainer(model, layer)
     tensor = tf.constant(batch)
     with tf.GradientTape() as tape:
         maps, last = scorer(tensor, training=False)

@@ -169,11 +169,11 @@ def probe(loaded: LoadedModel) -> Probe:
 
 def _explainable(loaded: LoadedModel) -> None:
     """A model that promises heatmaps has the layer Grad-CAM reads."""
-    from models.gradcam import explain_layer
+    from models.gradcam import explainer
 
     layer = loaded.manifest.explain.layer if loaded.manifest.explain else None
     try:
-        explain_layer(loaded.model, layer)
+        explainer(loaded.model, layer)
     except ValueError as error:
         raise ManifestError(loaded.weights_path, "explain.layer", str(error)) from error
 

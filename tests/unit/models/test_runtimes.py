@@ -212,3 +212,14 @@ def test_sigmoid_judges_each_class_on_its_own(tmp_path: Path, file_folder: MakeF
     probabilities, _ = loaded.predict(volume)
     np.testing.assert_allclose(probabilities, 1.0 / (1.0 + np.exp(-logits)), rtol=1e-6)
     assert probabilities.sum() != pytest.approx(1.0)
+
+
+def test_heatmaps_from_a_backbone_nested_as_one_layer_are_refused_at_load(
+    tmp_path: Path, file_folder: MakeFolder, backbone_file: Path
+) -> None:
+    base = keras.saving.load_model(backbone_file)
+    inputs = keras.Input((32, 32, 3))
+    keras.Model(inputs, base(inputs)).save(tmp_path / "nested.keras")
+    folder = file_folder("net", tmp_path / "nested.keras", heatmaps=True,
+                         explain={"layer": base.name})
+    assert "is a nested model" in _refused(folder, "explain.layer")
