@@ -14,7 +14,14 @@ import numpy as np
 
 from models.loaded import LoadedModel
 from models.manifest import Intensity, Manifest, ModelInput
-from models.ordering import DUPLICATE_TOLERANCE_MM, OrderReport, SliceRef, arrange, geometry_of
+from models.ordering import (
+    DUPLICATE_TOLERANCE_MM,
+    FileGeometry,
+    OrderReport,
+    SliceRef,
+    arrange,
+    geometry_of,
+)
 from models.preprocess import PreprocessError, decode_dataset, read_dataset, volume_batch
 
 MIN_SLICES = 3  # fewer distinct positions make no volume worth a 3D model's answer
@@ -92,24 +99,27 @@ def _merged(stack: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     return sums / counts.reshape(-1, *([1] * (stack.ndim - 1))), positions[starts]
 
 
-def _decode(paths: Sequence[Path], intensity: Intensity, target: Sequence[int], workers: int
-            ) -> tuple[dict[tuple[Path, int | None], np.ndarray], list, float]:
-    """Every frame of every file (keyed by path and frame number), the files' geometry, and the
-    decode seconds summed over reader threads."""
+@dataclass(frozen=True)
+class _File:
+    """One file read on a reader thread: its geometry, its decoded frames, the seconds."""
 
-    def one(path: Path) -> tuple[Path, list[np.ndarray], object, float]:
+    geometry: FileGeometry
+    frames: list[np.ndarray]
+    seconds: float
+
+
+def _decode(paths: Sequence[Path], intensity: Intensity, target: Sequence[int], workers: int
+            ) -> list[_File]:
+    """Every file read and decoded (each once), on reader threads, in the order given."""
+
+    def one(path: Path) -> _File:
         start = time.perf_counter()
         ds = read_dataset(path)
         frames = decode_dataset(path, ds, intensity, target)
-        return path, frames, geometry_of(path, ds), time.perf_counter() - start
+        return _File(geometry_of(path, ds), frames, time.perf_counter() - start)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dicom-reader") as pool:
-        decoded = list(pool.map(one, list(dict.fromkeys(Path(p) for p in paths))))
-    frames: dict[tuple[Path, int | None], np.ndarray] = {}
-    for path, items, geometry, _ in decoded:
-        for ref, frame in zip(geometry.refs, items, strict=True):  # type: ignore[attr-defined]
-            frames[(path, ref.frame)] = frame
-    return frames, [g for _, _, g, _ in decoded], sum(s for *_, s in decoded)
+        return list(pool.map(one, list(dict.fromkeys(Path(p) for p in paths))))
 
 
 def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2) -> Volume:
@@ -119,9 +129,11 @@ def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2) -> 
     spec = model.manifest.reads
     measured = spec.normalisation == "zscore" and spec.mean is None
     intensity = Intensity(normalisation="none") if measured else spec.intensity
-    frames, files, decode_s = _decode(paths, intensity, spec.shape[1:], workers)
+    files = _decode(paths, intensity, spec.shape[1:], workers)
     start = time.perf_counter()
-    ordered = arrange(files, uniform_size=True)
+    frames = {(ref.path, ref.frame): frame for item in files
+              for ref, frame in zip(item.geometry.refs, item.frames, strict=True)}
+    ordered = arrange([item.geometry for item in files], uniform_size=True)
     rows = ordered.slices
     if not rows:
         raise PreprocessError(Path(paths[0]), "the series has no image to make a volume of")
@@ -143,7 +155,8 @@ def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2) -> 
     volume = fit_depth(resample(stack, positions, target_positions(positions, spec)),
                        spec.shape[0])
     batch = np.asarray(volume_batch(volume, spec))
-    return Volume(batch, rows, ordered.report, decode_s, time.perf_counter() - start)
+    return Volume(batch, rows, ordered.report, sum(item.seconds for item in files),
+                  time.perf_counter() - start)
 
 
 def infer_volume(paths: Sequence[Path], model: LoadedModel, *, workers: int = 2
