@@ -33,7 +33,8 @@ def keras_backbone(path: Path, input_size: int = 32, classes: int = 2, seed: int
 
 def export_onnx(model: keras.Model, path: Path) -> Path:
     """A Keras model exported with Keras' own `model.export(..., format="onnx")` (tf2onnx)."""
-    model([np.zeros((1, *model.input_shape[1:]), np.float32)])  # export wants a called model
+    zeros = np.zeros((1, *model.inputs[0].shape[1:]), np.float32)
+    model([zeros] if isinstance(model.input, list) else zeros)  # export wants a called model
     model.export(str(path), format="onnx", verbose=False)
     return path
 
