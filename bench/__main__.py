@@ -118,8 +118,15 @@ def ingest_rows(results: list[dict[str, str]], quick: bool) -> list[list[str]]:
 def inference_rows(results: list[dict[str, str]], quick: bool) -> list[list[str]]:
     rows = []
     for r in results:
+        if r.get("format") == "cnn":  # the seed CNN under both runtimes: information only
+            tf_rate, onnx_rate = _f(r.get("tf_images_per_s")), _f(r.get("onnx_images_per_s"))
+            rows.append([SIZES[quick]["inference"], "seed CNN: TensorFlow vs ONNX Runtime",
+                         f"{tf_rate:.0f} images/s", f"{onnx_rate:.0f} images/s",
+                         f"{tf_rate / onnx_rate:.3f} (throughput)", "-", "-"])
+            continue
         ratio = _f(r.get("ratio"))
-        rows.append([SIZES[quick]["inference"], "full vs pure forward",
+        rows.append([f"{SIZES[quick]['inference']}, {r.get('format', 'seed')}",
+                     "full vs pure forward",
                      f"{_f(r.get('full_s')):.3f} s",
                      f"{_f(r.get('forward_s')):.3f} s", f"{ratio:.3f} (time)",
                      f"<= {INFERENCE_TARGET}", _met(ratio <= INFERENCE_TARGET)])

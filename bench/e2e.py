@@ -61,28 +61,12 @@ def write_study(out: Path, slices: int, size: int, seed: int) -> tuple[str, list
 
 
 def pure_forward(models_dir: Path, paths: list[Path], batch: int) -> Callable[[], object]:
-    """The compiled CNN+LSTM forward on the study's ready tensors, as bench.inference times it."""
-    import numpy as np
-    import tensorflow as tf
-
-    from models.cnn import compile_forward
-    from models.ordering import order_slices
-    from models.preprocess import preprocess_file
+    """The CNN+LSTM forward on the study's ready tensors, as bench.inference times it."""
+    from bench.inference import image_runs
     from models.registry import Registry, SeriesInfo
 
-    registry = Registry.load(models_dir)
-    (choice,) = registry.select(SeriesInfo.from_files(paths))
-    cnn, (lstm,) = choice.cnn, choice.lstms
-    shape, window = cnn.manifest.input_shape, cnn.manifest.preprocessing.window
-    ordered = [ref.path for ref in order_slices(paths).slices]
-    ready = np.concatenate([preprocess_file(p, shape, window) for p in ordered])
-    batches = [tf.constant(ready[i:i + batch]) for i in range(0, len(ready), batch)]
-    pure_cnn = compile_forward(cnn.model)
-
-    def forward() -> object:
-        embedding = np.concatenate([pure_cnn(b)[1].numpy() for b in batches])
-        return lstm.forward(tf.constant(embedding[np.newaxis])).numpy()
-
+    (choice,) = Registry.load(models_dir).select(SeriesInfo.from_files(paths))
+    _, forward, _ = image_runs(choice, paths, batch, workers=2)
     return forward
 
 

@@ -1,5 +1,6 @@
-"""The `analyse` job: a study version's series from the spool through the models to results;
-and the `embed` job, which starts the CNNs early on what has arrived, for analyse to reuse."""
+"""The `analyse` job: a study version's series from the spool through the models (image CNNs
+with their LSTMs, and series-level volume models) to results; and the `embed` job, which
+starts the CNNs early on what has arrived, for analyse to reuse."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from daemon.spool import Spool, uid_name
 if TYPE_CHECKING:
     from models.infer import FileOutputs, SeriesResult
     from models.manifest import Manifest
-    from models.ordering import SliceRef
+    from models.ordering import OrderReport, SliceRef
     from models.registry import LoadedModel, Registry
+    from models.volume import VolumeResult
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +88,60 @@ def _check_files(series: Sequence[SeriesFiles]) -> None:
                 raise AnalyseFailed(f"instance file missing from the spool: {path}")
 
 
-def _model_fields(manifest: Any, weights_sha256: str) -> dict[str, Any]:
+def _model_fields(manifest: Any) -> dict[str, Any]:
     return {
         "model_name": manifest.name,
         "model_version": manifest.version,
-        "weights_sha256": weights_sha256,
+        "weights_sha256": manifest.weights_sha256,
     }
 
 
-def _class_detail(manifest: Any, index: int, shadow: frozenset[str]) -> dict[str, Any]:
+def _class_detail(
+    manifest: Any, index: int, shadow: frozenset[str], identity: Any
+) -> dict[str, Any]:
+    """What the report needs of one class: its code and threshold, the model's use and
+    shadow status, and the format and runtime that ran it."""
     label = manifest.classes[index]
     return {
         "code": [label.code.scheme, label.code.value, label.code.meaning],
         "threshold": label.threshold,
         "clinical_use": manifest.clinical_use,
         "shadow": manifest.shadow or manifest.name in shadow,
+        "format": identity.format,
+        "runtime": identity.runtime,
     }
+
+
+def _ordering(ordering: OrderReport, rows: Sequence[SliceRef]) -> dict[str, Any]:
+    """How a series was ordered, and its slices in that order (a series result's evidence)."""
+    return {
+        "method": ordering.method,
+        "spacing_mm": ordering.spacing_mm,
+        "gaps": len(ordering.gaps),
+        "duplicates": len(ordering.duplicates),
+        "notes": list(ordering.notes),
+        "slices": [[r.sop_instance_uid, r.frame] for r in rows],
+    }
+
+
+def _series_rows(
+    series_uid: str,
+    manifest: Any,
+    probabilities: Any,
+    ordering: dict[str, Any],
+    shadow: frozenset[str],
+    identity: Any,
+) -> Iterator[dict]:
+    """One row per class of a series-level result (an LSTM's or a volume model's)."""
+    for i, label in enumerate(manifest.classes):
+        yield {
+            **_model_fields(manifest),
+            "series_uid": series_uid,
+            "level": "series",
+            "label": label.name,
+            "probability": float(probabilities[i]),
+            "detail": {**_class_detail(manifest, i, shadow, identity), "ordering": ordering},
+        }
 
 
 def result_rows(
@@ -115,13 +155,13 @@ def result_rows(
     Models named in `shadow` (the site's `[models] shadow`) are marked like a manifest's
     `shadow = true`: recorded, never reported.
     """
-    sha = {m.manifest.name: m.manifest.weights_sha256 for m in (*registry.cnns, *registry.lstms)}
+    identity = {m.name: m.identity for m in registry.models}
     cnn = result.cnn
-    details = [_class_detail(cnn, i, shadow) for i in range(len(cnn.classes))]
+    details = [_class_detail(cnn, i, shadow, identity[cnn.name]) for i in range(len(cnn.classes))]
     for row, probabilities in zip(result.rows, result.image_probabilities, strict=True):
         for i, label in enumerate(cnn.classes):
             yield {
-                **_model_fields(cnn, sha[cnn.name]),
+                **_model_fields(cnn),
                 "series_uid": series_uid,
                 "level": "image",
                 "sop_instance_uid": row.sop_instance_uid,
@@ -130,25 +170,19 @@ def result_rows(
                 "probability": float(probabilities[i]),
                 "detail": details[i],
             }
-    ordering = {
-        "method": result.ordering.method,
-        "spacing_mm": result.ordering.spacing_mm,
-        "gaps": len(result.ordering.gaps),
-        "duplicates": len(result.ordering.duplicates),
-        "notes": list(result.ordering.notes),
-        "slices": [[r.sop_instance_uid, r.frame] for r in result.rows],
-    }
+    ordering = _ordering(result.ordering, result.rows)
     for lstm in result.series:
-        manifest = lstm.manifest
-        for i, label in enumerate(manifest.classes):
-            yield {
-                **_model_fields(manifest, sha[manifest.name]),
-                "series_uid": series_uid,
-                "level": "series",
-                "label": label.name,
-                "probability": float(lstm.probabilities[i]),
-                "detail": {**_class_detail(manifest, i, shadow), "ordering": ordering},
-            }
+        yield from _series_rows(series_uid, lstm.manifest, lstm.probabilities, ordering, shadow,
+                                identity[lstm.manifest.name])
+
+
+def volume_rows(
+    series_uid: str, result: VolumeResult, model: LoadedModel, shadow: frozenset[str]
+) -> Iterator[dict]:
+    """Rows of a series-level model's run: each class, with the ordered slices it read."""
+    ordering = _ordering(result.ordering, result.rows)
+    yield from _series_rows(series_uid, result.model, result.probabilities, ordering, shadow,
+                            model.identity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +283,22 @@ class OutputsCache:
         self.spool.write_atomic(path, outputs_to_bytes(outputs))
 
 
+def _failed(series_uid: str, model: Any, exc: Exception, shadow: frozenset[str]) -> dict:
+    """Log a model's failure on a series and make its error row (the rest goes on)."""
+    log.warning(
+        "series analysis failed",
+        extra=kv(series=series_uid, model=model.name, error=str(exc)[:300]),
+    )
+    return _failure_row(series_uid, model.name, exc, model.manifest, shadow)
+
+
+def _analysed(series_uid: str, model: str, seconds: float, early: bool, **counts: int) -> None:
+    log.info(
+        "series analysed early" if early else "series analysed",
+        extra=kv(series=series_uid, model=model, **counts, seconds=round(seconds, 3)),
+    )
+
+
 def analyse_one_series(
     series: SeriesFiles,
     registry: Registry,
@@ -259,12 +309,15 @@ def analyse_one_series(
     *,
     early: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every applicable model on one series; a failure becomes a row naming the error.
+    """Every applicable model on one series (each image model with its LSTMs, then each
+    series-level model); a failure becomes a row naming the error.
     `early`: a run ahead of the analysis proper, logged as such."""
     from models.infer import infer_series
     from models.preprocess import PreprocessError
     from models.registry import SeriesInfo
+    from models.volume import infer_volume
 
+    model_errors = (PreprocessError, InvalidDicomError, ValueError)
     try:
         info = SeriesInfo.from_files(series.paths)
     except (InvalidDicomError, OSError, ValueError) as exc:
@@ -274,31 +327,31 @@ def analyse_one_series(
         known = cache.load(series.series_uid, choice.cnn.manifest) if cache else {}
         try:
             result = infer_series(series.paths, choice, known=known)
-        except (PreprocessError, InvalidDicomError, ValueError) as exc:
-            log.warning(
-                "series analysis failed",
-                extra=kv(series=series.series_uid, model=choice.cnn.name, error=str(exc)[:300]),
-            )
-            rows.append(_failure_row(series.series_uid, choice.cnn.name, exc, choice, shadow))
+        except model_errors as exc:
+            rows.append(_failed(series.series_uid, choice.cnn, exc, shadow))
             continue
         if cache is not None:
             cache.keep(series.series_uid, choice.cnn.manifest, result.outputs, known)
         if metrics is not None:
             metrics.inference_seconds.labels(choice.cnn.name).observe(result.timing.total_s)
-        log.info(
-            "series analysed early" if early else "series analysed",
-            extra=kv(
-                series=series.series_uid,
-                model=choice.cnn.name,
-                images=len(result.rows),
-                reused=sum(1 for path, o in result.outputs.items() if known.get(path) is o),
-                seconds=round(result.timing.total_s, 3),
-            ),
-        )
+        reused = sum(1 for path, o in result.outputs.items() if known.get(path) is o)
+        _analysed(series.series_uid, choice.cnn.name, result.timing.total_s, early,
+                  images=len(result.rows), reused=reused)
         produced = list(result_rows(series.series_uid, result, registry, shadow))
         if heatmaps is not None:
             add_heatmaps(produced, result, choice.cnn, heatmaps)
         rows.extend(produced)
+    for model in registry.select_volumes(info):
+        try:
+            volume = infer_volume(series.paths, model)
+        except model_errors as exc:
+            rows.append(_failed(series.series_uid, model, exc, shadow))
+            continue
+        if metrics is not None:
+            metrics.inference_seconds.labels(model.name).observe(volume.timing.total_s)
+        _analysed(series.series_uid, model.name, volume.timing.total_s, early,
+                  slices=len(volume.rows))
+        rows.extend(volume_rows(series.series_uid, volume, model, shadow))
     return rows
 
 
@@ -306,10 +359,9 @@ def _failure_row(
     series_uid: str,
     model: str,
     exc: Exception,
-    choice: Any = None,
+    manifest: Manifest | None = None,
     shadow: frozenset[str] = frozenset(),
 ) -> dict:
-    manifest = choice.cnn.manifest if choice is not None else None
     detail: dict[str, Any] = {"clinical_use": manifest.clinical_use if manifest else False}
     if manifest is not None and (manifest.shadow or manifest.name in shadow):
         detail["shadow"] = True
@@ -329,14 +381,17 @@ def restrict(registry: Registry, names: Sequence[str]) -> Registry:
 
     Raises UnknownModels when a name is not loaded here.
     """
-    loaded = {m.name for m in (*registry.cnns, *registry.lstms)}
+    loaded = {m.name for m in registry.models}
     unknown = sorted(set(names) - loaded)
     if unknown:
         raise UnknownModels(f"models not loaded by this worker: {', '.join(unknown)}")
     lstms = tuple(m for m in registry.lstms if m.name in names)
     needed = set(names) | {str(m.manifest.embedding_model) for m in lstms}
     return dataclasses.replace(
-        registry, cnns=tuple(m for m in registry.cnns if m.name in needed), lstms=lstms
+        registry,
+        cnns=tuple(m for m in registry.cnns if m.name in needed),
+        lstms=lstms,
+        volumes=tuple(m for m in registry.volumes if m.name in names),
     )
 
 

@@ -202,6 +202,20 @@ def cmd_models_demo(args: argparse.Namespace) -> int:
     return demo_command(out=args.out, quick=args.quick)
 
 
+def cmd_models_check(args: argparse.Namespace) -> int:
+    from models.commands import check_command
+
+    settings = _settings(args)
+    directory = args.dir or settings.models.dir
+    return check_command(Path(directory), args.study, settings.models.device)
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from models.commands import import_command
+
+    return import_command(args.file, args.out, args.name, args.version, args.format)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; each leaf sets `func`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -293,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(models, "demo", cmd_models_demo, "generate the synthetic demo data and models")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="a tiny demo that trains in seconds")
+    p = leaf(models, "check", cmd_models_check,
+             "load a model folder as a worker will and try it (exit 1: fails on the study, "
+             "2: the folder is wrong)")
+    p.add_argument("dir", nargs="?", type=Path, default=None, metavar="DIR",
+                   help="a model folder or a models directory (default: [models] dir)")
+    p.add_argument("--study", type=Path, default=None, metavar="PATH",
+                   help="DICOM files (a file or a folder) to run the models on")
+    p = leaf(models, "import", cmd_models_import,
+             "make a model folder from a .keras or .onnx file, with a manifest to edit")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--format", choices=["keras", "onnx"], default=None,
+                   help="default: from the file's suffix")
     return parser
 
 

@@ -144,6 +144,8 @@ class ModelSettings(_Section):
     dir: Path = Path("/var/lib/pacs-ai/models")
     # Models run in shadow mode: results recorded, nothing of them sent (as manifest shadow).
     shadow: list[str] = Field(default_factory=list)
+    # Where ONNX models run: "gpu" takes onnxruntime's CUDA provider where installed.
+    device: Literal["cpu", "gpu"] = "cpu"
 
 
 class RetrySettings(_Section):

@@ -83,7 +83,7 @@ def load_registry(settings: Settings) -> Any:
     """The model registry, loaded once per worker."""
     from models.registry import Registry
 
-    return Registry.load(settings.models.dir)
+    return Registry.load(settings.models.dir, settings.models.device)
 
 
 class _Heartbeat(threading.Thread):

@@ -45,11 +45,14 @@ def list_models(models_dir: Path, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'NAME':<20} {'VERSION':<10} {'KIND':<5} {'CLASSES':<28} {'CLINICAL':<8} WEIGHTS")
-        for row in rows:
-            classes = ",".join(label["name"] for label in row["classes"])
-            clinical = "yes" if row["clinical_use"] else "no"
-            print(f"{row['name']:<20} {row['version']:<10} {row['kind']:<5} {classes:<28} "
+        print(f"{'NAME':<20} {'VERSION':<10} {'KIND':<12} {'CLASSES':<28} {'CLINICAL':<8} "
+              "WEIGHTS")
+        for (_, manifest), row in zip(found, rows, strict=True):
+            classes = ",".join(manifest.class_names)
+            clinical = "yes" if manifest.clinical_use else "no"
+            kind = manifest.kind if manifest.format == "seed" else (
+                f"{manifest.format}/{manifest.level}")
+            print(f"{manifest.name:<20} {manifest.version:<10} {kind:<12} {classes:<28} "
                   f"{clinical:<8} {row['weights']}")
     refused = [row for row in rows if row["weights"] != "ok"]
     return BAD_INPUT if refused else OK
@@ -100,4 +103,29 @@ def demo_command(out: Path, *, quick: bool = False) -> int:
         validation = manifest.validation.model_dump_json() if manifest.validation else "none"
         print(f"{manifest.name}: validation {validation}")
     print(f"models in {result.models_dir} (data {result.data_dir}); {result.seconds:.1f} s")
+    return OK
+
+
+def check_command(directory: Path, study: Path | None = None, device: str = "cpu") -> int:
+    """Load a model folder (or a whole models directory) as a worker will, try it on a
+    synthetic batch and, with `study`, on real DICOM: 0 ok, 1 fails on the study, 2 the
+    folder is wrong."""
+    from models.check import check
+
+    if study is not None and not study.exists():
+        return _fail(f"--study {study}: no such file or folder", BAD_INPUT)
+    return check(directory, study, device)
+
+
+def import_command(source: Path, out: Path, name: str, version: str,
+                   fmt: str | None = None) -> int:
+    """Make a model folder from a .keras or .onnx file, with a manifest to edit."""
+    from models.importer import import_model
+
+    try:
+        import_model(source, out, name, version, fmt)
+    except ManifestError as error:
+        return _fail(str(error), BAD_INPUT)
+    print(f"wrote {out} ({name} {version}); edit {out / 'manifest.toml'} (classes, codes, "
+          f"selection, normalisation, intended use), then: pacs-ai models check {out}")
     return OK

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.manifest import Manifest
-from models.preprocess import _shrink_factor, decode_dataset, read_dataset, to_model_input
+from models.preprocess import _shrink_factor, decode_dataset, image_batch, read_dataset
 
 DEFAULT_ALPHA = 0.4
 
@@ -49,20 +49,56 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Conv2D:
     for layer in reversed(model.layers):
         if isinstance(layer, keras.layers.Conv2D):
             return layer
-    raise ValueError(f"model {model.name!r} has no Conv2D layer for Grad-CAM")
+    raise ValueError(f"model {model.name!r} has no Conv2D layer for Grad-CAM; name the layer "
+                     "to explain with [explain] layer")
 
 
-def _score_model(model: keras.Model) -> tuple[keras.Model, keras.layers.Dense | None]:
-    """A sub-model giving (last conv maps, head input or output) and the softmax head, if any.
+def explain_layer(model: keras.Model, name: str | None = None) -> keras.layers.Layer:
+    """The layer whose maps Grad-CAM weighs: the one named (a manifest's `[explain] layer`),
+    else the last Conv2D; its output must be a channels-last map (batch, rows, columns, C)."""
+    if name is None:
+        layer = last_conv_layer(model)
+    else:
+        try:
+            layer = model.get_layer(name)
+        except ValueError as error:
+            raise ValueError(f"model {model.name!r} has no top-level layer {name!r}") from error
+    if isinstance(layer, keras.Model):
+        raise ValueError(f"layer {layer.name!r} is a nested model, whose maps Grad-CAM cannot "
+                         "reach: save the model flat (keras.Model(base.input, "
+                         "head(base.output)))")
+    shape = getattr(layer, "output", None)
+    if shape is None or len(shape.shape) != 4:
+        raise ValueError(f"layer {layer.name!r} does not give (batch, rows, columns, channels) "
+                         "maps")
+    return layer
 
-    Grad-CAM differentiates the class score before the softmax (Selvaraju et al. 2017): the
-    softmax saturates for confident images, and its gradient then fades to nothing.
+
+def explainer(
+    model: keras.Model, name: str | None = None
+) -> tuple[keras.Model, keras.layers.Dense | None, keras.layers.Layer]:
+    """What Grad-CAM runs: the sub-model giving the explained layer's maps and the class
+    scores, the squashing head if any, and the layer; a ValueError saying why a model
+    cannot be explained (checked when the model loads)."""
+    target = explain_layer(model, name)
+    scorer, head = _score_model(model, target)
+    return scorer, head, target
+
+
+def _score_model(
+    model: keras.Model, target: keras.layers.Layer
+) -> tuple[keras.Model, keras.layers.Dense | None]:
+    """A sub-model giving (the target's maps, head input or output) and the softmax or
+    sigmoid head, if any.
+
+    Grad-CAM differentiates the class score before the activation (Selvaraju et al. 2017):
+    a softmax or sigmoid saturates for confident images, and its gradient fades to nothing.
     """
-    conv = last_conv_layer(model)
     head = model.layers[-1]
-    if isinstance(head, keras.layers.Dense) and head.activation is keras.activations.softmax:
-        return keras.Model(model.inputs, [conv.output, head.input]), head
-    return keras.Model(model.inputs, [conv.output, model.output]), None
+    squashing = (keras.activations.softmax, keras.activations.sigmoid)
+    if isinstance(head, keras.layers.Dense) and head.activation in squashing:
+        return keras.Model(model.inputs, [target.output, head.input]), head
+    return keras.Model(model.inputs, [target.output, model.output]), None
 
 
 @dataclass(frozen=True)
@@ -92,9 +128,14 @@ def cell_grid(model: keras.Model, target: keras.layers.Layer) -> CellGrid | None
     stretching it over the whole input would push hot spots outwards. None where a layer on
     the way changes the size in a way not known here (then the caller stretches)."""
     offset, stride = [0.0, 0.0], [1.0, 1.0]
+    previous = None
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
+            previous = layer.output
             continue
+        if previous is None or layer.input is not previous:
+            return None  # branches (residual blocks): the cells' centres are not traced here
+        previous = layer.output
         sizes = (tuple(layer.input.shape[1:3]), tuple(layer.output.shape[1:3]))
         window = _window_of(layer)
         if window is None:
@@ -134,18 +175,22 @@ def upsample_cells(cells: np.ndarray, grid: CellGrid, size: Sequence[int]) -> np
     return (rows[:, :, c_low] * (1 - c_t) + rows[:, :, c_high] * c_t).astype(np.float32)
 
 
-def gradcam(model: keras.Model, inputs: np.ndarray, class_index: int) -> np.ndarray:
+def gradcam(
+    model: keras.Model, inputs: np.ndarray, class_index: int, layer: str | None = None
+) -> np.ndarray:
     """Grad-CAM of one class for a batch, so the SR can show where the model looked.
 
     Parameters
     ----------
     model
-        A Keras CNN with at least one Conv2D layer (the seed CNN of `models.cnn`).
+        A Keras 2D CNN (the seed CNN of `models.cnn`, or any other, channels last).
     inputs
         Model input, float32 of shape (N, H, W, 3), as `models.preprocess.to_model_input`
         makes it.
     class_index
         Output whose score is explained.
+    layer
+        Name of the layer whose maps are weighed (`explain_layer`); default the last Conv2D.
 
     Returns
     -------
@@ -160,7 +205,7 @@ def gradcam(model: keras.Model, inputs: np.ndarray, class_index: int) -> np.ndar
     classes = int(model.output.shape[-1])
     if not 0 <= class_index < classes:
         raise ValueError(f"class_index {class_index} outside the model's {classes} classes")
-    scorer, head = _score_model(model)
+    scorer, head, target = explainer(model, layer)
     tensor = tf.constant(batch)
     with tf.GradientTape() as tape:
         maps, last = scorer(tensor, training=False)
@@ -169,7 +214,7 @@ def gradcam(model: keras.Model, inputs: np.ndarray, class_index: int) -> np.ndar
     grads = tape.gradient(score, maps)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cells = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1)).numpy()
-    grid = cell_grid(model, last_conv_layer(model))
+    grid = cell_grid(model, target)
     if grid is None:
         cam = tf.image.resize(cells[..., np.newaxis], batch.shape[1:3])[..., 0].numpy()
     else:
@@ -290,20 +335,28 @@ def source_heatmap(
         (grey, heatmap): the windowed image and the map, float32 (Rows, Columns) in [0, 1].
     """
     manifest = loaded.manifest
-    if manifest.kind != "cnn" or manifest.input_shape is None:
-        raise ValueError(f"model {manifest.name!r} is not a CNN; Grad-CAM needs one")
-    window, shape = manifest.preprocessing.window, manifest.input_shape
+    if manifest.level != "image":
+        raise ValueError(f"model {manifest.name!r} is not a CNN reading images; Grad-CAM "
+                         "needs one")
+    spec = manifest.reads
+    if spec.layout != "NHWC":
+        raise ValueError(f"model {manifest.name!r} reads {spec.layout}; Grad-CAM needs NHWC")
+    intensity, shape = spec.intensity, spec.shape
     ds = read_dataset(path)
-    shrunk_frames = decode_dataset(path, ds, window, shape)
+    shrunk_frames = decode_dataset(path, ds, intensity, shape)
     index = 0 if frame is None else frame - 1
     if not 0 <= index < len(shrunk_frames):
         raise ValueError(f"{path}: frame {frame} outside 1..{len(shrunk_frames)}")
     shrunk = shrunk_frames[index]
     source = (int(ds.Rows), int(ds.Columns))
     factor = _shrink_factor(source[0], source[1], shape)  # the block size decode_dataset used
-    inputs = np.asarray(to_model_input(shrunk[np.newaxis], shape))
-    cam = gradcam(loaded.model, inputs, class_index)[0]
-    full = shrunk if factor == 1 else decode_dataset(path, ds, window, None)[index]
+    inputs = np.asarray(image_batch(shrunk[np.newaxis], spec))
+    layer = manifest.explain.layer if manifest.explain else None
+    cam = gradcam(loaded.model, inputs, class_index, layer)[0]
+    # The reader sees the image windowed, whatever scaling the model reads.
+    shown = intensity if intensity.normalisation == "window" else "auto"
+    full = shrunk if factor == 1 and shown is intensity else (
+        decode_dataset(path, ds, shown, None)[index])
     return _grey_of(full), to_source_grid(cam, shrunk.shape[:2], factor, source)
 
 

@@ -1,4 +1,5 @@
-"""Series files to probabilities: per image (CNN) and per series (each LSTM on its embedding)."""
+"""Series files to probabilities: per image (a CNN of any format) and per series (each LSTM on
+its embedding); series-level models reading the whole volume are `models.volume`'s."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import tensorflow as tf
 
+from models.loaded import LoadedModel
 from models.manifest import Manifest
 from models.ordering import FileGeometry, OrderReport, SliceRef, arrange, geometry_of
 from models.preprocess import decode_dataset, read_dataset
-from models.registry import Choice, LoadedModel, Registry, SeriesInfo
+from models.registry import Choice, Registry, SeriesInfo
 
 DEFAULT_BATCH = 32
 FIRST_BATCH = 8
@@ -160,7 +161,8 @@ def _decoder(
 ) -> Callable[[Path], _Decoded]:
     """The per-file work of a reader thread: read once, keep geometry, decode and shrink;
     a file whose outputs are known and current is read only up to its pixel data."""
-    window, target = manifest.preprocessing.window, manifest.input_shape
+    spec = manifest.reads
+    intensity, target = spec.intensity, spec.shape
 
     def decode(path: Path) -> _Decoded:
         start = time.perf_counter()
@@ -170,7 +172,7 @@ def _decoder(
             ds = read_dataset(path, pixels=False)
             return _Decoded(path, geometry_of(path, ds), [], stamp, time.perf_counter() - start)
         ds = read_dataset(path)
-        frames = decode_dataset(path, ds, window, target)
+        frames = decode_dataset(path, ds, intensity, target)
         return _Decoded(path, geometry_of(path, ds), frames, stamp, time.perf_counter() - start)
 
     return decode
@@ -221,8 +223,8 @@ def embed_files(
 ) -> Embedded:
     """Run a CNN over every image of these files, reusing `known` outputs that are current.
 
-    Reader threads read, decode and window the next files while the traced forward pass runs
-    on the current batch (resizing happens batched inside the graph). Each file is read once.
+    Reader threads read, decode and scale the next files while the forward pass runs on the
+    current batch (resizing happens batched, in a traced step). Each file is read once.
     """
     known = known or {}
     intake = _Intake()
@@ -235,11 +237,11 @@ def embed_files(
                             depth=max(2 * batch_size, workers))
         for batch in _batches(intake.frames(decoded), batch_size):
             tick = time.perf_counter()
-            batch_probabilities, batch_embedding = cnn.forward(tf.constant(batch))
-            probabilities.append(batch_probabilities.numpy())
-            embeddings.append(batch_embedding.numpy())
+            batch_probabilities, batch_embedding = cnn.predict_images(batch)
+            probabilities.append(batch_probabilities)
+            embeddings.append(batch_embedding)
             forward_s += time.perf_counter() - tick
-    width, classes = cnn.manifest.embedding_width, len(cnn.manifest.classes)
+    width, classes = cnn.embedding_width, len(cnn.manifest.classes)
     new_probabilities = np.concatenate(probabilities or [np.zeros((0, classes), np.float32)])
     new_embeddings = np.concatenate(embeddings or [np.zeros((0, width), np.float32)])
     outputs: dict[Path, FileOutputs] = {}
@@ -279,7 +281,7 @@ def infer_series(
     embedded = embed_files(paths, choice.cnn, batch_size=batch_size, workers=workers,
                            known=known)
     ordered = arrange(list(embedded.files), uniform_size=bool(choice.lstms))
-    width, classes = choice.cnn.manifest.embedding_width, len(choice.cnn.manifest.classes)
+    width, classes = choice.cnn.embedding_width, len(choice.cnn.manifest.classes)
     if ordered.slices:
         image_probabilities = _rows(embedded.outputs, ordered.slices, "probabilities")
         embedding = _rows(embedded.outputs, ordered.slices, "embeddings")
@@ -288,9 +290,7 @@ def infer_series(
         embedding = np.zeros((0, width), np.float32)
     tick = time.perf_counter()
     series = tuple(
-        SeriesProbabilities(
-            lstm.manifest, lstm.forward(tf.constant(embedding[np.newaxis])).numpy()[0]
-        )
+        SeriesProbabilities(lstm.manifest, lstm.predict(embedding[np.newaxis])[0][0])
         for lstm in choice.lstms
         if embedding.shape[0] > 0
     )

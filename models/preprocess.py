@@ -1,4 +1,5 @@
-"""DICOM to model input: decode, modality/VOI LUT, MONOCHROME1, colour, shrink and resize."""
+"""DICOM to model input: decode, modality/VOI LUT, MONOCHROME1, colour, intensity scaling,
+shrink, resize, channels and layout."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from models.manifest import Window
+from models.manifest import Intensity, ModelInput, Window
 
 GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # pydicom decodes these to RGB (as_rgb=True); JPEG 2000 RCT/ICT come out as RGB already.
@@ -88,8 +89,26 @@ def _block_sum(frame: np.ndarray, k: int) -> np.ndarray:
     return total
 
 
-def _grey(raw: np.ndarray, ds: Dataset, window: Window | str, k: int) -> np.ndarray:
-    """Modality LUT and a linear VOI window fused into one float32 affine, clipped to [0, 1]."""
+def _scaled(values: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """Modality values (float32, changed in place) scaled by a `range`, `zscore` or `none`
+    normalisation; a zscore without a given mean and std measures them on `values`."""
+    method = intensity.normalisation
+    if method == "range":
+        low, high = float(intensity.min), float(intensity.max)  # type: ignore[arg-type]
+        np.clip(values, low, high, out=values)
+        values -= np.float32(low)
+        values *= np.float32(1.0 / (high - low))
+    elif method == "zscore":
+        mean = float(values.mean()) if intensity.mean is None else intensity.mean
+        std = float(values.std()) if intensity.std is None else intensity.std
+        values -= np.float32(mean)
+        values *= np.float32(1.0 / std if std > 0 else 1.0)
+    return values
+
+
+def _grey(raw: np.ndarray, ds: Dataset, intensity: Intensity, k: int) -> np.ndarray:
+    """Modality LUT and a linear VOI window fused into one float32 affine, clipped to [0, 1];
+    or, for the other normalisations, the modality values scaled by `_scaled`."""
     if "ModalityLUTSequence" in ds:
         raw, slope, intercept = apply_modality_lut(raw, ds).astype(np.float32), 1.0, 0.0
     else:
@@ -97,7 +116,15 @@ def _grey(raw: np.ndarray, ds: Dataset, window: Window | str, k: int) -> np.ndar
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     values = _block_sum(raw, k)
     slope /= k * k
-    chosen = _window_of(ds, window)
+    inverted = ds.PhotometricInterpretation == "MONOCHROME1"
+    if intensity.normalisation != "window":
+        values *= np.float32(slope)
+        values += np.float32(intercept)
+        values = _scaled(values, intensity)
+        if inverted and intensity.normalisation == "range":
+            np.subtract(np.float32(1.0), values, out=values)
+        return values[..., np.newaxis]
+    chosen = _window_of(ds, intensity.window)
     if chosen is None:
         low, high = sorted((float(values.min()) * slope + intercept,
                             float(values.max()) * slope + intercept))
@@ -109,19 +136,23 @@ def _grey(raw: np.ndarray, ds: Dataset, window: Window | str, k: int) -> np.ndar
     values *= np.float32(slope / span)
     values += np.float32((intercept - low) / span)
     np.clip(values, 0.0, 1.0, out=values)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
+    if inverted:
         np.subtract(np.float32(1.0), values, out=values)
     return values[..., np.newaxis]
 
 
-def _colour(raw: np.ndarray, ds: Dataset, k: int) -> np.ndarray:
-    """RGB (pydicom already converted YBR) scaled by the stored bit depth to [0, 1]."""
+def _colour(raw: np.ndarray, ds: Dataset, intensity: Intensity, k: int) -> np.ndarray:
+    """RGB (pydicom already converted YBR) scaled by the stored bit depth to [0, 1] (for a
+    window); for the other normalisations the stored values scaled by `_scaled`."""
     if ds.PhotometricInterpretation == PALETTE:
         raw = apply_color_lut(raw, ds)
         top = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else 1.0
     else:
         top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
     values = _block_sum(raw, k)
+    if intensity.normalisation != "window":
+        values *= np.float32(1.0 / (k * k))
+        return _scaled(values, intensity)
     values *= np.float32(1.0 / (top * k * k))
     return values
 
@@ -163,14 +194,26 @@ def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
         raise PreprocessError(path, f"not a readable DICOM file ({error})") from error
 
 
-def decode_dataset(
-    path: Path, ds: Dataset, window: Window | str = "auto", target: Sequence[int] | None = None
-) -> list[np.ndarray]:
-    """Every frame of a dataset as float32 (rows, columns, 1 or 3) in [0, 1], in frame order.
+def _intensity(scaling: Intensity | Window | str) -> Intensity:
+    """A window (or "auto") as the intensity scaling it stands for."""
+    if isinstance(scaling, Intensity):
+        return scaling
+    return Intensity(normalisation="window", window=scaling)  # type: ignore[arg-type]
 
-    With `target` (the model's input shape) frames at least twice the target are averaged
-    down by an integer factor; the exact resize is `to_model_input`'s, batched in the graph.
+
+def decode_dataset(
+    path: Path,
+    ds: Dataset,
+    window: Intensity | Window | str = "auto",
+    target: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """Every frame of a dataset as float32 (rows, columns, 1 or 3), in frame order: in [0, 1]
+    for a window (the seed models'), else as the `Intensity` given scales it.
+
+    With `target` (the model's input rows and columns) frames at least twice the target are
+    averaged down by an integer factor; the exact resize is `to_model_input`'s, batched.
     """
+    intensity = _intensity(window)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PreprocessError(path, "no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -191,23 +234,48 @@ def decode_dataset(
     stack = raw if frames > 1 else raw[np.newaxis]
     k = _shrink_factor(stack.shape[1], stack.shape[2], target)
     if colour:
-        return [_colour(frame, ds, k) for frame in stack]
-    return [_grey(frame, ds, window, k) for frame in stack]
+        return [_colour(frame, ds, intensity, k) for frame in stack]
+    return [_grey(frame, ds, intensity, k) for frame in stack]
 
 
 def decode_frames(
-    path: Path, window: Window | str = "auto", target: Sequence[int] | None = None
+    path: Path, window: Intensity | Window | str = "auto", target: Sequence[int] | None = None
 ) -> list[np.ndarray]:
     """Read a file and decode every frame; see `decode_dataset`."""
     return decode_dataset(path, read_dataset(path), window, target)
 
 
-def to_model_input(images: tf.Tensor | np.ndarray, input_shape: Sequence[int]) -> tf.Tensor:
+def to_model_input(
+    images: tf.Tensor | np.ndarray, input_shape: Sequence[int], channels: int = 3
+) -> tf.Tensor:
     """A batch of same-sized decoded frames resized with padding (aspect kept) to the model's
-    input, grey replicated to three channels; frames come pre-shrunk, so no antialiasing."""
+    input, grey replicated to three channels (or colour made grey for one); frames come
+    pre-shrunk, so no antialiasing."""
     rows, columns = int(input_shape[0]), int(input_shape[1])
     batch = tf.image.resize_with_pad(images, rows, columns)
-    return tf.image.grayscale_to_rgb(batch) if batch.shape[-1] == 1 else batch
+    if batch.shape[-1] == 1 and channels == 3:
+        return tf.image.grayscale_to_rgb(batch)
+    if batch.shape[-1] == 3 and channels == 1:
+        return tf.image.rgb_to_grayscale(batch)
+    return batch
+
+
+def image_batch(images: tf.Tensor | np.ndarray, spec: ModelInput) -> tf.Tensor:
+    """Decoded frames (N, rows, columns, 1 or 3) as an image model's input batch: padded
+    resize, channels, layout (NHWC or NCHW) and dtype."""
+    batch = to_model_input(images, spec.shape, spec.channels)
+    if spec.layout == "NCHW":
+        batch = tf.transpose(batch, [0, 3, 1, 2])
+    return tf.cast(batch, spec.dtype)
+
+
+def volume_batch(slices: tf.Tensor | np.ndarray, spec: ModelInput) -> tf.Tensor:
+    """A resampled volume's slices (depth, rows, columns, 1 or 3) as a series model's input
+    batch of one: padded resize of each slice, channels, layout (NDHWC or NCDHW), dtype."""
+    volume = to_model_input(slices, spec.shape[1:], spec.channels)[tf.newaxis]
+    if spec.layout == "NCDHW":
+        volume = tf.transpose(volume, [0, 4, 1, 2, 3])
+    return tf.cast(volume, spec.dtype)
 
 
 def preprocess_file(

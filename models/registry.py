@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import keras
+from models.loaded import LoadedModel, load_model
+from models.manifest import MANIFEST_NAMES, Manifest, ManifestError, load_manifest
+from models.preprocess import read_header
+from models.runtimes.seed import build_model
 
-from models.cnn import Forward, build_cnn, compile_forward
-from models.lstm import SequenceForward, build_lstm, compile_sequence_forward
-from models.manifest import (
-    MANIFEST_NAMES,
-    Manifest,
-    ManifestError,
-    load_manifest,
-    verified_weights,
-)
-from models.preprocess import read_header, to_model_input
+__all__ = ["Choice", "LoadedModel", "Registry", "SeriesInfo", "build_model", "load_model",
+           "scan_manifests"]
 
 
 @dataclass(frozen=True)
@@ -45,24 +40,9 @@ class SeriesInfo:
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    """A validated manifest with its verified weights loaded into Keras, and a traced forward."""
-
-    manifest: Manifest
-    folder: Path
-    model: keras.Model = field(repr=False)
-    forward: Forward | SequenceForward = field(repr=False)
-    weights_path: Path
-
-    @property
-    def name(self) -> str:
-        """The model's name from its manifest."""
-        return self.manifest.name
-
-
-@dataclass(frozen=True)
 class Choice:
-    """A CNN that applies to a series and the LSTMs stacked on its embedding that also apply."""
+    """An image model (a CNN of any format) that applies to a series, and the LSTMs stacked on
+    its embedding that also apply."""
 
     cnn: LoadedModel
     lstms: tuple[LoadedModel, ...] = ()
@@ -85,37 +65,6 @@ def _matches(manifest: Manifest, series: SeriesInfo) -> bool:
     if series.slices < rules.min_slices:
         return False
     return rules.max_slices is None or series.slices <= rules.max_slices
-
-
-def build_model(manifest: Manifest, *, compile: bool = False) -> keras.Model:
-    """An untrained Keras model with the manifest's architecture (compiled only for training)."""
-    classes = len(manifest.classes)
-    if manifest.kind == "cnn":
-        assert manifest.input_shape is not None  # guaranteed by the manifest validator
-        return build_cnn(
-            classes, manifest.input_shape, manifest.conv_filters, manifest.embedding_width,
-            compile=compile,
-        )
-    return build_lstm(classes, manifest.embedding_width, manifest.lstm_units, compile=compile)
-
-
-def load_model(folder: Path, manifest: Manifest | None = None) -> LoadedModel:
-    """Load one model folder, refusing weights whose SHA-256 differs from the manifest's."""
-    manifest = manifest or load_manifest(folder)
-    weights = verified_weights(manifest, folder)
-    model = build_model(manifest)
-    try:
-        model.load_weights(weights)
-    except (ValueError, OSError) as error:
-        raise ManifestError(
-            weights, "weights_file", f"weights do not fit the model: {error}"
-        ) from error
-    if manifest.kind == "cnn":
-        shape = manifest.input_shape
-        forward = compile_forward(model, prepare=lambda images: to_model_input(images, shape))
-    else:
-        forward = compile_sequence_forward(model)
-    return LoadedModel(manifest, folder, model, forward, weights)
 
 
 def _model_folders(models_dir: Path) -> list[Path]:
@@ -141,18 +90,24 @@ def scan_manifests(models_dir: Path) -> list[tuple[Path, Manifest]]:
             )
         by_name[manifest.name] = (folder, manifest)
     for folder, manifest in found:
-        if manifest.kind == "lstm":
+        if manifest.level == "embeddings":
             _check_link(folder, manifest, by_name)
     return found
 
 
 def _check_link(folder: Path, lstm: Manifest, by_name: dict[str, tuple[Path, Manifest]]) -> None:
-    """An LSTM must name an existing CNN whose embedding width it reads."""
+    """An LSTM must name an existing image model with an embedding of the width it reads (a
+    keras or onnx model's width is known once its file is loaded: `_check_widths`)."""
     target = by_name.get(str(lstm.embedding_model))
-    if target is None or target[1].kind != "cnn":
+    if target is None or target[1].level != "image":
         raise ManifestError(
             folder, "embedding_model", f"no cnn named {lstm.embedding_model!r} in the registry"
         )
+    if target[1].format != "seed":
+        if target[1].answers.embedding is None:
+            raise ManifestError(folder, "embedding_model", f"{lstm.embedding_model!r} names "
+                                "no [output] embedding for an LSTM to read")
+        return
     if target[1].embedding_width != lstm.embedding_width:
         raise ManifestError(
             folder,
@@ -162,21 +117,44 @@ def _check_link(folder: Path, lstm: Manifest, by_name: dict[str, tuple[Path, Man
         )
 
 
+def _check_widths(cnns: Sequence[LoadedModel], lstms: Sequence[LoadedModel]) -> None:
+    """Each LSTM reads an embedding as wide as its image model's file gives."""
+    width = {cnn.name: cnn.embedding_width for cnn in cnns}
+    for lstm in lstms:
+        found = width[str(lstm.manifest.embedding_model)]
+        if found != lstm.manifest.embedding_width:
+            raise ManifestError(lstm.folder, "embedding_width",
+                                f"{lstm.manifest.embedding_width} differs from "
+                                f"{lstm.manifest.embedding_model!r}'s {found}")
+
+
 @dataclass(frozen=True)
 class Registry:
-    """The loaded models of a site; build it once per worker process with `Registry.load`."""
+    """The loaded models of a site; build it once per worker process with `Registry.load`.
+
+    `cnns` read one image at a time (any format), `lstms` a CNN's embeddings in slice order,
+    `volumes` the whole series as one volume.
+    """
 
     cnns: tuple[LoadedModel, ...]
     lstms: tuple[LoadedModel, ...]
+    volumes: tuple[LoadedModel, ...] = ()
 
     @classmethod
-    def load(cls, models_dir: Path) -> Registry:
-        """Validate every manifest, verify every weights file, and load all weights once."""
-        loaded = [load_model(folder, manifest) for folder, manifest in scan_manifests(models_dir)]
-        return cls(
-            cnns=tuple(model for model in loaded if model.manifest.kind == "cnn"),
-            lstms=tuple(model for model in loaded if model.manifest.kind == "lstm"),
-        )
+    def load(cls, models_dir: Path, device: str = "cpu") -> Registry:
+        """Validate every manifest, verify every model file, and load and try each once."""
+        loaded = [load_model(folder, manifest, device)
+                  for folder, manifest in scan_manifests(models_dir)]
+        by_level = {level: tuple(m for m in loaded if m.manifest.level == level)
+                    for level in ("image", "embeddings", "series")}
+        _check_widths(by_level["image"], by_level["embeddings"])
+        return cls(cnns=by_level["image"], lstms=by_level["embeddings"],
+                   volumes=by_level["series"])
+
+    @property
+    def models(self) -> tuple[LoadedModel, ...]:
+        """Every loaded model."""
+        return (*self.cnns, *self.lstms, *self.volumes)
 
     def select(self, series: SeriesInfo) -> list[Choice]:
         """The CNNs whose rules admit the series, each with its admitted LSTMs."""
@@ -191,3 +169,7 @@ class Registry:
             for cnn in self.cnns
             if _matches(cnn.manifest, series)
         ]
+
+    def select_volumes(self, series: SeriesInfo) -> list[LoadedModel]:
+        """The series-level models whose rules admit the series."""
+        return [model for model in self.volumes if _matches(model.manifest, series)]

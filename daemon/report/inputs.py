@@ -55,6 +55,8 @@ class Finding:
 
     ``heatmaps`` are the explainability Secondary Captures of this output (see
     `daemon.report.heatmap`); the SR references each from the finding's group.
+    ``model_format`` and ``runtime`` say what ran the model (e.g. ``onnx``,
+    ``onnxruntime 1.32.0 (CPU, opset 17)``); empty for results recorded before they were.
     """
 
     model_name: str
@@ -67,6 +69,8 @@ class Finding:
     evidence: tuple[Evidence, ...]
     clinical_use: bool
     heatmaps: tuple[Evidence, ...] = ()
+    model_format: str = ""
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         """Reject outputs that cannot be reported truthfully."""

@@ -97,6 +97,8 @@ def _finding(
         evidence=evidence,
         clinical_use=bool(r.detail.get("clinical_use", False)),
         heatmaps=heatmaps,
+        model_format=str(r.detail.get("format", "")),
+        runtime=str(r.detail.get("runtime", "")),
     )
 
 

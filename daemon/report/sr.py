@@ -85,6 +85,7 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
             f"weights_sha256={finding.weights_sha256}",
             f"threshold={finding.threshold:g}",
             f"level={finding.level}",
+            *_runtime_parameters(finding),
         ],
     )
     certainty = Measurement(
@@ -111,6 +112,12 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
     )
     group[0].ContentSequence.extend(_visual_explanation(h) for h in finding.heatmaps)
     return group
+
+
+def _runtime_parameters(finding: Finding) -> list[str]:
+    """The model's format and the runtime that ran it, where the results say."""
+    named = (("format", finding.model_format), ("runtime", finding.runtime))
+    return [f"{key}={value}" for key, value in named if value]
 
 
 def _visual_explanation(heatmap: Evidence) -> ImageContentItem:
@@ -274,13 +281,16 @@ def _contributing_equipment(findings: Sequence[Finding], device: DeviceInfo) -> 
         if finding.model_key in seen:
             continue
         seen.add(finding.model_key)
+        ran_on = f" ({', '.join(_runtime_parameters(finding))})" if finding.runtime else ""
         item = ContributingEquipment(
             manufacturer=device.manufacturer,
             purpose_of_reference=codes.DCM.ProcessingEquipment,
             manufacturer_model_name=finding.model_name,
-            software_versions=finding.model_version,
+            # Software Versions (LO, up to 64 characters a value): the model's, its runtime's.
+            software_versions=[finding.model_version, finding.runtime[:64]]
+            if finding.runtime else finding.model_version,
             contribution_description=(
-                f"AI model {finding.model_name} {finding.model_version}, "
+                f"AI model {finding.model_name} {finding.model_version}{ran_on}, "
                 f"weights sha256 {finding.weights_sha256}"
             ),
         )

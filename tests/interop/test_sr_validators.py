@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -57,13 +58,16 @@ def _common(study: str, keys: list[str], **kwargs: object) -> dict[str, object]:
 
 
 def _with_findings(**kwargs: object) -> Dataset:
-    """A CNN image result (research model), an LSTM series result, a local RIS code."""
+    """A CNN image result (research model), a series result of an ONNX model (format and
+    runtime named), a local RIS code."""
     study = ct_series(4)
     ris_code = Dataset()
     ris_code.CodeValue, ris_code.CodingSchemeDesignator = "CTCHEST", "99RIS"
     ris_code.CodeMeaning = "CT chest"
     study[0].ProcedureCodeSequence = [ris_code]
-    findings = [image_finding(study[2], clinical_use=False), series_finding(study)]
+    onnx_series = dataclasses.replace(series_finding(study), model_format="onnx",
+                                      runtime="onnxruntime 1.32.0 (CPU, opset 17)")
+    findings = [image_finding(study[2], clinical_use=False), onnx_series]
     uid = str(study[0].StudyInstanceUID)
     return build_sr(study, findings, **_common(uid, [f.model_key for f in findings], **kwargs))
 

@@ -41,16 +41,23 @@ def manifest(name: str, *, kind: str = "cnn", shadow: bool = False, cnn: str = "
 
 
 def loaded(m: Manifest) -> SimpleNamespace:
-    """What the registry holds for a model: its name and manifest."""
-    return SimpleNamespace(name=m.name, manifest=m)
+    """What the registry holds for a model: its name, manifest and identity."""
+    identity = SimpleNamespace(format=m.format, runtime="fake runtime 1.0")
+    return SimpleNamespace(name=m.name, manifest=m, identity=identity)
 
 
 @dataclasses.dataclass(frozen=True)
 class FakeRegistry:
-    """The two fields analyse reads from `models.registry.Registry`."""
+    """The fields analyse reads from `models.registry.Registry`."""
 
     cnns: tuple[Any, ...]
     lstms: tuple[Any, ...] = ()
+    volumes: tuple[Any, ...] = ()
+
+    @property
+    def models(self) -> tuple[Any, ...]:
+        """Every model, as `Registry.models`."""
+        return (*self.cnns, *self.lstms, *self.volumes)
 
 
 def series_result(cnn: Manifest, lstms: tuple[Manifest, ...] = (), images: int = 2) -> Any:

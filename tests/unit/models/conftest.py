@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,3 +64,64 @@ def make_folder(tmp_path: Path) -> MakeFolder:
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
     """The demo at its quick size, trained once for every test that needs real models."""
     return make_demo(tmp_path_factory.mktemp("demo"), DemoConfig.quick(), progress=False)
+
+
+def file_manifest(name: str, fmt: str, weights_file: str, **overrides: object) -> dict:
+    """A keras or onnx manifest as a dict (image level, 32x32 NHWC RGB unless overridden)."""
+    code = {"scheme": "99PACSAI", "meaning": "test"}
+    fields: dict = {
+        "name": name,
+        "version": "1",
+        "format": fmt,
+        "classes": [
+            {"name": "normal", "code": {**code, "value": "N"}},
+            {"name": "lesion", "code": {**code, "value": "L"}, "threshold": 0.7},
+        ],
+        "weights_file": weights_file,
+        "weights_sha256": "0" * 64,
+        "intended_use": "tests only",
+        "clinical_use": False,
+        "input": {"level": "image", "layout": "NHWC", "shape": [32, 32], "channels": 3},
+        "output": {"activation": "none"},
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+def file_folder(tmp_path: Path) -> MakeFolder:
+    """A model folder around a model file (copied in), its manifest carrying its sha256."""
+
+    def make(name: str, source: Path, fmt: str | None = None, **overrides: object) -> Path:
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        shutil.copyfile(source, folder / source.name)
+        fmt = fmt or source.suffix.lstrip(".")
+        fields = file_manifest(name, fmt, source.name, **overrides)
+        fields["weights_sha256"] = sha256_of(folder / source.name)
+        manifest = Manifest.model_validate(fields)
+        write_manifest(manifest, folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A keras.applications MobileNetV2 (random weights, 32x32) saved as a whole .keras."""
+    from models.examples import keras_backbone
+
+    path = tmp_path_factory.mktemp("keras") / "backbone.keras"
+    keras_backbone(path, input_size=32, classes=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_cnn_onnx(quick_demo: DemoResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick demo CNN, with its embedding as a second output, exported by Keras to ONNX."""
+    from models.cnn import with_embedding
+    from models.examples import export_onnx
+    from models.registry import load_model
+
+    seed_cnn = load_model(quick_demo.models_dir / "demo-cnn").model
+    return export_onnx(with_embedding(seed_cnn), tmp_path_factory.mktemp("onnx") / "cnn.onnx")

@@ -90,7 +90,7 @@ def test_lstm_reads_the_cnn_embeddings_in_slice_order(
     (choice,) = registry.select(SeriesInfo.from_files(series))
     result = infer_series(series, choice)
     (lstm,) = choice.lstms
-    direct = lstm.forward(result.embeddings[np.newaxis]).numpy()[0]
+    direct = lstm.predict(result.embeddings[np.newaxis])[0][0]
     np.testing.assert_allclose(result.series[0].probabilities, direct, rtol=1e-5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,22 @@ def test_algorithm_identification_names_the_model_and_its_weights(study):
     assert values("111003") == ["1.2.0"]  # Algorithm Version
     assert f"weights_sha256={WEIGHTS}" in values("111002")  # Algorithm Parameters
     assert "threshold=0.5" in values("111002")
+
+
+def test_the_format_and_runtime_that_ran_a_model_are_named_with_it(study):
+    runtime = "onnxruntime 1.32.0 (CPU, opset 17)"
+    finding = dataclasses.replace(series_finding(study), model_format="onnx", runtime=runtime)
+    ds = _build(study, [finding])
+
+    parameters = [
+        str(i.TextValue) for i in find_content_items(ds, value_type="TEXT", recursive=True)
+        if i.ConceptNameCodeSequence[0].CodeValue == "111002"
+    ]
+    assert {"format=onnx", f"runtime={runtime}"} <= set(parameters)
+    (equipment,) = [i for i in ds.ContributingEquipmentSequence
+                    if i.ManufacturerModelName == "head-lstm"]
+    assert list(equipment.SoftwareVersions) == ["0.9.1", runtime]
+    assert f"(format=onnx, runtime={runtime})" in equipment.ContributionDescription
 
 
 def test_image_library_lists_the_sources_and_the_daemon_is_the_device_observer(study):
