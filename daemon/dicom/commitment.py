@@ -21,6 +21,7 @@ from daemon.dicom.status import (
     INVALID_ARGUMENT_VALUE,
     NO_SUCH_EVENT_TYPE,
     PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
     status_meaning,
 )
 
@@ -32,6 +33,12 @@ REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID (PS3.4 J.3.2)
 EVENT_ALL_SUCCESS = 1
 EVENT_FAILURES_PRESENT = 2
 COMMITMENT_EVENT_TYPES = (EVENT_ALL_SUCCESS, EVENT_FAILURES_PRESENT)
+
+# The most instances one request (or one MPPS step) may name: a 3000-slice CT and a few
+# series besides fit; more is answered "resource limitation", not held in memory and rows.
+MAX_REFERENCES = 20000
+# What a UID may hold (PS3.5 9.1): digits and dots, at most 64 characters.
+_UID_CHARS = frozenset("0123456789.")
 
 T = TypeVar("T")
 Reference = tuple[str, str]
@@ -126,11 +133,29 @@ def _referenced(info: Dataset) -> tuple[Reference, ...]:
     )
 
 
+def is_uid(value: str) -> bool:
+    """Whether `value` is a well-formed UID (1-64 digits and dots)."""
+    return 0 < len(value) <= 64 and set(value) <= _UID_CHARS
+
+
 def read_commitment_request(info: Dataset | None) -> tuple[str, tuple[Reference, ...]]:
-    """(Transaction UID, references) of an N-ACTION's Action Information, or MalformedCommitment."""
+    """(Transaction UID, references) of an N-ACTION's Action Information, or MalformedCommitment.
+
+    More than MAX_REFERENCES instances are refused with "resource limitation".
+    """
+    if info is not None and len(info.get("ReferencedSOPSequence", None) or ()) > MAX_REFERENCES:
+        raise MalformedCommitment(
+            f"action information names more than {MAX_REFERENCES} instances", RESOURCE_LIMITATION
+        )
     transaction_uid, references = _read("action information", info, _referenced)
     if not references:
         raise MalformedCommitment("action information references nothing", INVALID_ARGUMENT_VALUE)
+    bad = [uid for pair in references for uid in pair if not is_uid(uid)]
+    if bad or not is_uid(transaction_uid):
+        what = repr(bad[0][:70]) if bad else "the Transaction UID"
+        raise MalformedCommitment(
+            f"action information holds a malformed UID: {what}", INVALID_ARGUMENT_VALUE
+        )
     return transaction_uid, references
 
 
