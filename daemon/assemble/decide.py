@@ -246,6 +246,11 @@ def _close(
         if job_id is None:
             return None
         mpps.mark_taken(conn, [s.id for s in snap.steps], snap.version)
+    said = {
+        "mpps": ",".join(detail.get("mpps", [])),
+        "incomplete_series": len(detail.get("incomplete_series", [])),
+        "discontinued": len(detail.get("discontinued", [])),
+    }
     log.info(
         "study queued for analysis",
         extra=kv(
@@ -254,9 +259,7 @@ def _close(
             job=job_id,
             reason=reason,
             paused_s=round(snap.paused, 3),
-            mpps=",".join(detail.get("mpps", [])) or None,
-            incomplete_series=len(detail.get("incomplete_series", [])) or None,
-            discontinued=bool(detail.get("discontinued")) or None,
+            **{k: v for k, v in said.items() if v},
         ),
     )
     return reason

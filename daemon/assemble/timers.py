@@ -80,18 +80,20 @@ class Assembler:
             queue_early(self._engine, study_uid, self._early, self._max_attempts)
 
     def sweep(self) -> int:
-        """Expire MPPS steps whose study never came, then decide every study that may be done
-        (a restart loses the timers); returns how many versions were closed."""
+        """Decide every study that may be done (a restart loses the timers), then expire the
+        MPPS steps no study took in time; returns how many versions were closed."""
+        with self._engine.connect() as conn:
+            waiting = mpps.studies_with_ended_steps(conn)
+        studies = dict.fromkeys([*waiting, *open_studies(self._engine, self._waits.shortest)])
+        closed = sum(
+            decide(self._engine, self._waits, study_uid, sweep=True) is not None
+            for study_uid in studies
+        )
         with self._engine.begin() as conn:
             expired = mpps.expire(conn, utcnow() - self._expire)
-            waiting = mpps.studies_with_ended_steps(conn)
         for step in expired:
             log.warning(
                 "mpps step expired: its study never completed here",
                 extra=kv(step=step.sop_instance_uid, study=step.study_uid, state=step.state),
             )
-        studies = dict.fromkeys([*waiting, *open_studies(self._engine, self._waits.shortest)])
-        return sum(
-            decide(self._engine, self._waits, study_uid, sweep=True) is not None
-            for study_uid in studies
-        )
+        return closed

@@ -43,8 +43,9 @@ def create_step(conn: Connection, step: StepCreated, calling_ae: str) -> bool:
             updated_at=now,
         )
         .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-    ).rowcount
-    return inserted == 1
+        .returning(MppsStep.id)
+    ).first()
+    return inserted is not None
 
 
 def set_step(conn: Connection, sop_instance_uid: str, change: StepSet) -> tuple[SetOutcome, Any]:
