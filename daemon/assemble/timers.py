@@ -54,6 +54,7 @@ class Assembler:
         self._restart(f"quiet:{study_uid}", self._waits.quiet, self._decide, study_uid)
         if self._early is not None:
             self._restart(f"early:{study_uid}", self._early, self._fire_early, study_uid)
+            self._keep(f"arriving:{study_uid}", self._early, self._fire_arriving, study_uid)
 
     def _restart(
         self, job_id: str, seconds: float, fire: Callable[[str], object], study_uid: str
@@ -72,12 +73,31 @@ class Assembler:
                 misfire_grace_time=None,
             )
 
+    def _keep(
+        self, job_id: str, seconds: float, fire: Callable[[str], object], study_uid: str
+    ) -> None:
+        """Run `fire` `seconds` from now unless it is already due: a beat while arrivals go on."""
+        if self._scheduler.get_job(job_id) is None:
+            self._scheduler.add_job(
+                fire,
+                "date",
+                run_date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds),
+                args=[study_uid],
+                id=job_id,
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+
     def _decide(self, study_uid: str) -> None:
         decide(self._engine, self._waits, study_uid)
 
     def _fire_early(self, study_uid: str) -> None:
         if self._early is not None:
             queue_early(self._engine, study_uid, self._early, self._max_attempts)
+
+    def _fire_arriving(self, study_uid: str) -> None:
+        if self._early is not None:
+            queue_early(self._engine, study_uid, self._early, self._max_attempts, arriving=True)
 
     def sweep(self) -> int:
         """Decide every study that may be done (a restart loses the timers), then expire the

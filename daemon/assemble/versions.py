@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, exists, func, insert, select, update
 
-from daemon.db import queue
+from daemon.db import mpps, queue
 from daemon.db.keys import ANALYSE, EMBED, analyse_key, embed_key
 from daemon.db.schema import ClosedVersion, CloseReason, Instance, Study, utcnow
 from daemon.logsetup import kv
@@ -74,15 +74,24 @@ def paused_study(conn: Connection, study_uid: str, seconds: float) -> Row[Any] |
     return None if study is None or study.last_received_at > cutoff else study
 
 
-def queue_early(engine: Engine, study_uid: str, early_seconds: float, max_attempts: int) -> bool:
-    """Queue an `embed` job for the study's open version if it paused for `early_seconds`.
+def queue_early(
+    engine: Engine,
+    study_uid: str,
+    early_seconds: float,
+    max_attempts: int,
+    *,
+    arriving: bool = False,
+) -> bool:
+    """Queue an `embed` job for the study's open version if it paused for `early_seconds`,
+    or, `arriving`, while it still arrives, if its modality's MPPS step is IN PROGRESS (the
+    step's end will close it at once: the CNNs keep pace with the images meanwhile).
 
     Only a cache is at stake: a study that moved on, or one already queued for analysis,
     gets nothing, and the analysis does whatever the early run did not.
     """
     with engine.begin() as conn:
-        study = paused_study(conn, study_uid, early_seconds)
-        if study is None:
+        study = paused_study(conn, study_uid, 0 if arriving else early_seconds)
+        if study is None or (arriving and not mpps.in_progress(conn, study_uid)):
             return False
         arrived = conn.execute(
             select(func.count()).where(
@@ -97,11 +106,12 @@ def queue_early(engine: Engine, study_uid: str, early_seconds: float, max_attemp
             embed_key(study_uid, study.version, arrived),
             max_attempts=max_attempts,
             study_id=study.id,
-            payload={"study_uid": study_uid, "study_version": study.version},
+            payload={"study_uid": study_uid, "study_version": study.version}
+            | ({"arriving": True} if arriving else {}),
         )
     log.info(
         "study queued for early analysis",
-        extra=kv(study=study_uid, version=study.version, instances=arrived),
+        extra=kv(study=study_uid, version=study.version, instances=arrived, arriving=arriving),
     )
     return True
 

@@ -17,9 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, select
 
 from daemon.assemble import Assembler, Waits, decide
+from daemon.assemble.versions import queue_early
 from daemon.config import Settings
 from daemon.db import mpps
-from daemon.db.schema import ClosedVersion, MppsStep, Study
+from daemon.db.schema import ClosedVersion, Job, MppsStep, Study
 from daemon.dicom.mpps import Performed, PerformedImage, StepCreated, StepSet
 from daemon.receive.ingest import Ingestor, Request
 from daemon.report.completion import Completion
@@ -237,3 +238,17 @@ def test_sweep_closes_what_timers_lost_and_expires_steps_of_studies_that_never_c
     assert step_row(engine, lost).expired_at is not None
     expired = [r for r in caplog.records if "expired" in r.getMessage()]
     assert len(expired) == 1 and expired[0].kv["step"] == lost  # type: ignore[attr-defined]
+
+
+def test_cnns_keep_pace_with_a_study_whose_mpps_step_is_in_progress(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path
+) -> None:
+    without, with_step = generate_uid(), generate_uid()
+    store(ingestor, series(tmp_path, without))
+    start_step(engine, with_step)
+    store(ingestor, series(tmp_path, with_step))
+    assert not queue_early(engine, without, 0.5, 3, arriving=True)
+    assert queue_early(engine, with_step, 0.5, 3, arriving=True)
+    with engine.connect() as conn:
+        (payload,) = conn.execute(select(Job.payload).where(Job.kind == "embed")).scalars()
+    assert payload == {"study_uid": with_step, "study_version": 1, "arriving": True}
