@@ -44,6 +44,7 @@ from daemon.dicom.commitment import (
     CommitmentReport,
     commitment_request,
     read_commitment_report,
+    reference_items,
 )
 from tests.peers import LOOPBACK
 
@@ -134,13 +135,7 @@ def mpps_set_attributes(
         item.SeriesDescription = ""
         item.RetrieveAETitle = ""
         item.ReferencedNonImageCompositeSOPInstanceSequence = []
-        refs = []
-        for sop_class, sop_uid in instances:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = sop_class
-            ref.ReferencedSOPInstanceUID = sop_uid
-            refs.append(ref)
-        item.ReferencedImageSequence = refs
+        item.ReferencedImageSequence = reference_items(instances)
         items.append(item)
     ds.PerformedSeriesSequence = items
     if discontinued_reason is not None:

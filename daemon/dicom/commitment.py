@@ -22,6 +22,7 @@ from daemon.dicom.status import (
     NO_SUCH_EVENT_TYPE,
     PROCESSING_FAILURE,
     RESOURCE_LIMITATION,
+    Refusal,
     status_meaning,
 )
 
@@ -45,15 +46,11 @@ Reference = tuple[str, str]
 """(Referenced SOP Class UID, Referenced SOP Instance UID)."""
 
 
-class MalformedCommitment(ValueError):
+class MalformedCommitment(Refusal):
     """A request or report that is not a Storage Commitment message we can read.
 
     `status` is the DIMSE status to answer it with.
     """
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +90,8 @@ def _failure_meaning(reason: int) -> str:
     return "failure" if meaning == "unknown status" else meaning
 
 
-def _references(items: Sequence[Reference]) -> list[Dataset]:
+def reference_items(items: Sequence[Reference]) -> list[Dataset]:
+    """Referenced SOP Sequence items naming each (SOP Class UID, SOP Instance UID)."""
     out = []
     for sop_class_uid, sop_instance_uid in items:
         item = Dataset()
@@ -107,7 +105,7 @@ def commitment_request(transaction_uid: str, references: Sequence[Reference]) ->
     """The N-ACTION Action Information asking to commit (SOP Class UID, SOP Instance UID) pairs."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
-    ds.ReferencedSOPSequence = _references(references)
+    ds.ReferencedSOPSequence = reference_items(references)
     return ds
 
 
@@ -167,9 +165,9 @@ def commitment_report(
     """(Event Type ID, Event Information): what is kept, and (class, UID, reason) of what is not."""
     info = Dataset()
     info.TransactionUID = transaction_uid
-    info.ReferencedSOPSequence = _references(committed)
+    info.ReferencedSOPSequence = reference_items(committed)
     if failed:
-        items = _references([(cls, uid) for cls, uid, _ in failed])
+        items = reference_items([(cls, uid) for cls, uid, _ in failed])
         for item, (_, _, reason) in zip(items, failed, strict=True):
             item.FailureReason = reason
         info.FailedSOPSequence = items

@@ -21,6 +21,7 @@ from daemon.dicom.status import (
     MISSING_ATTRIBUTE,
     MISSING_ATTRIBUTE_VALUE,
     RESOURCE_LIMITATION,
+    Refusal,
 )
 
 MPPS_SOP_CLASS = str(ModalityPerformedProcedureStep)
@@ -43,12 +44,8 @@ CREATE_REQUIRED = (
 T = TypeVar("T")
 
 
-class MalformedStep(ValueError):
+class MalformedStep(Refusal):
     """An N-CREATE or N-SET that Annex F refuses; `status` is the answer it names."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,14 @@ FAILURE_MEANINGS = {
 }
 
 
+class Refusal(ValueError):
+    """A request we answer with the failure `status` (each service names its own kinds)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def is_warning(status: int) -> bool:
     """A 0xBxxx status: the peer did the operation and said something about it."""
     return status & 0xF000 == 0xB000

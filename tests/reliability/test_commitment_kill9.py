@@ -16,6 +16,7 @@ from daemon.db.schema import CommitmentRequest
 from models.phantom import write_series
 from tests.conftest import free_port
 from tests.daemon_proc import Daemon, wait_for
+from tests.interop.conftest import daemon_config
 from tests.modality import ModalitySimulator, references
 from tests.reliability import harness as h
 
@@ -28,21 +29,16 @@ def test_report_is_sent_once_after_a_kill_between_the_request_and_the_report(
 ) -> None:
     report_port = free_port()
     ct = ModalitySimulator("CT01")  # its SCP is down: the first report cannot go out
-    config = {
-        "dicom": {"ae_title": "PACSAI", "bind": "127.0.0.1", "port": free_port()},
-        "storage": {
-            "spool_dir": tmp_path / "spool",
-            "min_free_mb": 1,
-            "database_url": database_url,
-        },
-        "assembly": {"quiet_seconds": 3600, "sweep_seconds": 3600},
-        "workers": {"count": 1, "lease_seconds": 10},
-        "models": {"dir": tmp_path / "no-models"},
-        "retry": {"base_seconds": 1, "factor": 1, "cap_seconds": 1, "max_attempts": 50},
-        "metrics": {"port": 0},
-        "sources": [{"name": "ct1", "ae_title": "CT01", "host": ct.host, "port": report_port}],
-    }
     (tmp_path / "no-models").mkdir()
+    config = daemon_config(
+        tmp_path,
+        tmp_path / "no-models",
+        database_url=database_url,
+        assembly={"quiet_seconds": 3600, "sweep_seconds": 3600},
+        workers={"lease_seconds": 10},
+        retry={"cap_seconds": 1, "max_attempts": 50},
+    )
+    config["sources"] = [{"name": "ct1", "ae_title": "CT01", "host": ct.host, "port": report_port}]
     daemon = make_daemon(config).start()
     images = write_series(tmp_path / "study", slices=3, rows=16, cols=16)
     transaction = generate_uid()

@@ -4,8 +4,7 @@ SQLite and PostgreSQL (the `engine` fixture)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from pydicom.uid import generate_uid
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from sqlalchemy import Engine, select, update
 
-from daemon.config import Settings
 from daemon.db import queue
 from daemon.db.keys import COMMITMENT_REPORT
 from daemon.db.schema import CommitmentRequest, Job, utcnow
@@ -30,7 +28,7 @@ from daemon.dicom.status import (
 from daemon.receive import Receiver
 from daemon.receive.commitment_scp import deliver
 from tests.daemon_proc import wait_for
-from tests.integration.receive.helpers import AET, ct_dataset, try_associate
+from tests.integration.receive.helpers import ct_dataset, try_associate
 from tests.modality import ModalitySimulator, references
 from tests.peers import free_port
 
@@ -40,25 +38,13 @@ Start = Callable[..., Receiver]
 
 
 @pytest.fixture
-def start(port: int, spool_dir: Path) -> Iterator[Start]:
-    """start(engine, sources=[...], **dicom) -> a running Receiver with those [[sources]]."""
-    running: list[Receiver] = []
+def start(start_receiver: Callable[..., Receiver]) -> Start:
+    """start(engine, [sources], **dicom) -> a running Receiver with those [[sources]]."""
 
     def make(engine: Engine, sources: list[dict[str, Any]], **dicom: Any) -> Receiver:
-        settings = Settings(
-            dicom={"ae_title": AET, "bind": "127.0.0.1", "port": port, **dicom},
-            storage={"spool_dir": str(spool_dir), "min_free_mb": 1},
-            retry={"base_seconds": 30, "max_attempts": 5},
-            sources=sources,
-        )
-        receiver = Receiver(settings, engine)
-        receiver.start()
-        running.append(receiver)
-        return receiver
+        return start_receiver(engine, sources=sources, **dicom)
 
-    yield make
-    for receiver in running:
-        receiver.stop(1.0)
+    return make
 
 
 def source(ct: ModalitySimulator, port: int | None = None) -> dict[str, Any]:

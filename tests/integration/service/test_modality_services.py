@@ -16,8 +16,8 @@ from sqlalchemy import Engine, select
 from daemon.db.engine import make_engine
 from daemon.db.schema import Job
 from models.phantom import write_series
-from tests.conftest import free_port
 from tests.daemon_proc import Daemon, wait_for
+from tests.interop.conftest import daemon_config
 from tests.modality import (
     ModalitySimulator,
     mpps_create_attributes,
@@ -58,19 +58,15 @@ def test_mpps_evidence_and_commitment_through_a_running_daemon(
     make_daemon: Callable[..., Daemon], database_url: str, tmp_path: Path
 ) -> None:
     with ModalitySimulator("CT01") as ct:
-        config = {
-            "dicom": {"ae_title": "PACSAI", "bind": "127.0.0.1", "port": free_port()},
-            "storage": {
-                "spool_dir": tmp_path / "spool",
-                "min_free_mb": 1,
-                "database_url": database_url,
-            },
-            "assembly": {"quiet_seconds": 3600, "evidence_seconds": 0.5, "sweep_seconds": 3600},
-            "workers": {"count": 0},
-            "retry": {"base_seconds": 1, "max_attempts": 5},
-            "metrics": {"port": 0},
-            "sources": [{"name": "ct1", "ae_title": "CT01", "host": ct.host, "port": ct.port}],
-        }
+        (tmp_path / "no-models").mkdir()
+        config = daemon_config(
+            tmp_path,
+            tmp_path / "no-models",
+            database_url=database_url,
+            assembly={"quiet_seconds": 3600, "evidence_seconds": 0.5, "sweep_seconds": 3600},
+            workers={"count": 0},
+        )
+        config["sources"] = [{"name": "ct1", "ae_title": "CT01", "host": ct.host, "port": ct.port}]
         daemon = make_daemon(config).start()
         by_mpps, by_evidence = phantom(tmp_path), phantom(tmp_path)
         study_uid = str(by_mpps[0].StudyInstanceUID)
