@@ -330,7 +330,12 @@ class CommitmentScp:
     def _first_attempt(self, assoc: Association, key: str) -> None:
         """Report as soon as the N-ACTION-RSP is out (pynetdicom sends it before it lets this
         thread use the association); a failure goes to the queue for the workers."""
-        lease = self._settings.workers.lease_seconds
+        dicom = self._settings.dicom
+        # No heartbeat here: the lease outlasts the longest attempt (the same association,
+        # then a new one), so no worker can take the job while this thread still tries.
+        lease = self._settings.workers.lease_seconds + 2 * (
+            dicom.acse_timeout + dicom.dimse_timeout
+        )
         try:
             job = queue.claim_key(self._engine, key, self._owner, lease)
             if job is None:
