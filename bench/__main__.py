@@ -27,7 +27,7 @@ ARGS = {
 QUICK_ARGS = {
     "ingest": ["--repeats", "1", "--slices", "50", "--sender-slices", "25", "--no-defaults"],
     "inference": ["--slices", "50", "--repeats", "2"],
-    "e2e": ["--slices", "50", "--repeats", "2"],
+    "e2e": ["--slices", "50", "--repeats", "2", "--quiet", "5"],
 }
 TIMEOUT_S = 3 * 3600
 # Targets from the issues: full/forward and e2e latency/model time at most 1.25x; ingest

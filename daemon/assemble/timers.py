@@ -11,7 +11,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import Engine
 
-from daemon.assemble.decide import Waits, decide
+from daemon.assemble.rules import Waits, decide
 from daemon.assemble.versions import open_studies, queue_early
 from daemon.config import Settings
 from daemon.db import mpps

@@ -27,20 +27,21 @@ def queue_version(
     *,
     reason: CloseReason,
     detail: dict[str, Any] | None = None,
+    quiet_since: dt.datetime | None = None,
 ) -> int | None:
     """Close `version` for `reason` and queue its `analyse` job in the caller's transaction;
-    the job id, or None when the version moved on meanwhile (another closer won).
+    the job id, or None when the version moved on meanwhile (another closer won) or, with
+    `quiet_since`, when an instance arrived after that moment.
 
     The version is bumped in the same transaction, so instances arriving from now on join
     the next version and an analysis never misses or repeats an instance. `models`, when
     given, limits the analysis to those model names (a replay). `detail` is what the SR
     must say about how the version ended (daemon.report reads it).
     """
-    bumped = conn.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.version == version)
-        .values(version=Study.version + 1)
-    ).rowcount
+    still = [Study.id == study_id, Study.version == version]
+    if quiet_since is not None:
+        still.append(Study.last_received_at <= quiet_since)
+    bumped = conn.execute(update(Study).where(*still).values(version=Study.version + 1)).rowcount
     if bumped != 1:
         return None
     conn.execute(

@@ -38,8 +38,6 @@ COMMITMENT_EVENT_TYPES = (EVENT_ALL_SUCCESS, EVENT_FAILURES_PRESENT)
 # The most instances one request (or one MPPS step) may name: a 3000-slice CT and a few
 # series besides fit; more is answered "resource limitation", not held in memory and rows.
 MAX_REFERENCES = 20000
-# What a UID may hold (PS3.5 9.1): digits and dots, at most 64 characters.
-_UID_CHARS = frozenset("0123456789.")
 
 T = TypeVar("T")
 Reference = tuple[str, str]
@@ -132,8 +130,11 @@ def _referenced(info: Dataset) -> tuple[Reference, ...]:
 
 
 def is_uid(value: str) -> bool:
-    """Whether `value` is a well-formed UID (1-64 digits and dots)."""
-    return 0 < len(value) <= 64 and set(value) <= _UID_CHARS
+    """Whether `value` can name an instance: 1-64 printable characters, no backslash.
+
+    Malformed but harmless UIDs (letters, leading zeros) pass, as the receiver stores them.
+    """
+    return 0 < len(value) <= 64 and value.isprintable() and "\\" not in value
 
 
 def read_commitment_request(info: Dataset | None) -> tuple[str, tuple[Reference, ...]]:

@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, select
 
-from daemon.assemble import Assembler, Waits, decide
+from daemon.assemble import Assembler, Waits, decide, rules
 from daemon.assemble.versions import queue_early
 from daemon.config import Settings
 from daemon.db import mpps
@@ -252,3 +252,21 @@ def test_cnns_keep_pace_with_a_study_whose_mpps_step_is_in_progress(
     with engine.connect() as conn:
         (payload,) = conn.execute(select(Job.payload).where(Job.kind == "embed")).scalars()
     assert payload == {"study_uid": with_step, "study_version": 1, "arriving": True}
+
+
+def test_an_instance_arriving_while_the_rules_look_keeps_the_version_open(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study_uid = generate_uid()
+    paths = series(tmp_path, study_uid, slices=5)
+    store(ingestor, paths[:4])
+    time.sleep(0.02)
+    looked = rules.evidence_of
+
+    def arrival_meanwhile(engine: Engine, snap: Any) -> Any:
+        store(ingestor, paths[4:])
+        return looked(engine, snap)
+
+    monkeypatch.setattr(rules, "evidence_of", arrival_meanwhile)
+    assert decide(engine, EVIDENCE, study_uid) is None
+    assert closed(engine, study_uid) == []

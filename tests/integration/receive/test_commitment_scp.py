@@ -172,7 +172,7 @@ def _bad_uid() -> Dataset:
     info.TransactionUID = generate_uid()
     item = Dataset()
     item.ReferencedSOPClassUID = CTImageStorage
-    item.ReferencedSOPInstanceUID = "1.2.abc"
+    item.ReferencedSOPInstanceUID = "1.2." + "3" * 62  # 66 characters
     info.ReferencedSOPSequence = [item]
     return info
 

@@ -40,7 +40,7 @@ def test_set_reads_series_images_and_discontinuation_reason() -> None:
     ("series", "status"),
     [
         ({"1.2.5": [(CT, f"1.2.5.{i}") for i in range(MAX_REFERENCES + 1)]}, RESOURCE_LIMITATION),
-        ({"1.2.5": [(CT, "1.2.x")]}, INVALID_ATTRIBUTE_VALUE),
+        ({"1.2.5": [(CT, "1.2." + "3" * 62)]}, INVALID_ATTRIBUTE_VALUE),
     ],
     ids=["too-many-images", "bad-uid"],
 )

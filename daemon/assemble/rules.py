@@ -11,9 +11,9 @@ A study's open version closes, first rule first:
    `quiet_seconds`. An ended step whose instances did not all come is then named in the
    closed version's detail, so the SR says which series were incomplete.
 
-Closing re-reads the study under its lock: if anything arrived since the decision, it
-does nothing (that arrival asks again). Every ended step is taken into account by
-exactly one closed version (daemon.db.mpps.mark_taken).
+Closing bumps the version only if nothing arrived since the decision (one conditional
+UPDATE); otherwise it does nothing and that arrival asks again. Every ended step is taken
+into account by exactly one closed version (daemon.db.mpps.mark_taken).
 """
 
 from __future__ import annotations
@@ -225,15 +225,10 @@ def _mpps_detail(steps: Sequence[EndedStep]) -> dict[str, Any]:
 def _close(
     engine: Engine, waits: Waits, snap: Snapshot, reason: CloseReason, detail: dict[str, Any]
 ) -> CloseReason | None:
-    """Close the snapshot's version unless something arrived since it was taken."""
+    """Close the snapshot's version unless something arrived since it was taken (that
+    arrival asks again)."""
     detail = {**detail, **_mpps_detail(snap.steps)}
     with engine.begin() as conn:
-        query = select(Study.version, Study.last_received_at).where(Study.id == snap.study_id)
-        if conn.dialect.name != "sqlite":  # SQLite: the transaction holds the write lock
-            query = query.with_for_update()
-        now = conn.execute(query).one()
-        if (now.version, now.last_received_at) != (snap.version, snap.last_received_at):
-            return None
         job_id = queue_version(
             conn,
             snap.study_id,
@@ -242,6 +237,7 @@ def _close(
             waits.max_attempts,
             reason=reason,
             detail=detail,
+            quiet_since=snap.last_received_at,
         )
         if job_id is None:
             return None
