@@ -527,7 +527,9 @@ def run_embed(ctx: WorkerContext, job: queue.ClaimedJob, prebuild: Prebuild | No
     """Start the CNNs on a study still arriving; nothing to do once its version is closed.
 
     With `prebuild`, the early run goes all the way: every model, the rows the analysis
-    would write, and the SR they make, kept for the report job while nothing changes.
+    would write, and the SR they make, kept for the report job while nothing changes;
+    but not while the study is still arriving (`arriving` in the payload): then only the
+    CNNs run, on what came so far.
     """
     version = int(job.payload["study_version"])
     with ctx.engine.connect() as conn:
@@ -536,7 +538,7 @@ def run_embed(ctx: WorkerContext, job: queue.ClaimedJob, prebuild: Prebuild | No
     started = time.monotonic()
     cache = OutputsCache(ctx.spool, study.study_uid)
     built = False
-    if series and prebuild is not None and not _explains(ctx):
+    if series and prebuild is not None and not _explains(ctx) and not job.payload.get("arriving"):
         shadow = frozenset(ctx.settings.models.shadow)
         rows = [
             {**_ROW_DEFAULTS, **row}

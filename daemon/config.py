@@ -115,6 +115,11 @@ class AssemblySettings(_Section):
     # has arrived, so that once the study is quiet little is left to do. Unset: the default,
     # where the quiet window is longer than it.
     early_seconds: float | None = Field(default=None, ge=0)
+    # A study whose every series holds what its images declare closes after this pause
+    # instead of the quiet window (0 = never; only in force when shorter than quiet_seconds).
+    evidence_seconds: float = Field(default=2.0, ge=0)
+    # An MPPS step whose study never arrives (or never completes) is dropped after this.
+    mpps_expire_hours: float = Field(default=24.0, gt=0)
 
     @field_validator("early_seconds")
     @classmethod
@@ -175,6 +180,17 @@ class Destination(_Section):
     tls: TLSSettings | None = None
 
 
+class Source(_Section):
+    """A modality that sends us studies: accepted as a caller, and where Storage Commitment
+    reports go when it does not wait for them on its own association."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+    tls: TLSSettings | None = None
+
+
 class MetricsSettings(_Section):
     bind: str = "127.0.0.1"
     port: Annotated[int, AfterValidator(_check_metrics_port)] = 9110
@@ -211,6 +227,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    sources: list[Source] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("destinations")
@@ -221,6 +238,16 @@ class Settings(BaseSettings):
             if names.count(name) > 1:
                 raise ValueError(f"destination name {name!r} is used twice")
         return destinations
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[Source]) -> list[Source]:
+        for key in ("name", "ae_title"):
+            values = [getattr(s, key) for s in sources]
+            for value in values:
+                if values.count(value) > 1:
+                    raise ValueError(f"source {key} {value!r} is used twice")
+        return sources
 
     @classmethod
     def settings_customise_sources(
@@ -244,6 +271,19 @@ class Settings(BaseSettings):
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"destinations: no destination named {name!r} ({known})")
+
+    def source_for(self, ae_title: str) -> Source | None:
+        """The `[[sources]]` entry of a calling AE title, or None."""
+        return next((s for s in self.sources if s.ae_title == ae_title.strip()), None)
+
+    @property
+    def accepted_callers(self) -> list[str]:
+        """Calling AE titles the receiver accepts: `allowed_callers` and every source's
+        (empty, as `allowed_callers` alone, means any caller)."""
+        callers = self.dicom.allowed_callers
+        if not callers:
+            return []
+        return list(dict.fromkeys([*callers, *(s.ae_title for s in self.sources)]))
 
 
 def _format_error(err: ValidationError) -> str:
@@ -290,9 +330,9 @@ def dump_settings(settings: Settings) -> str:
     data = settings.model_dump(mode="json")
     lines: list[str] = [f"# database: {settings.storage.effective_database_url}"]
     for section, value in data.items():
-        if section == "destinations":
+        if section in ("destinations", "sources"):
             for dest in value:
-                lines.append("\n[[destinations]]")
+                lines.append(f"\n[[{section}]]")
                 lines.extend(_toml_pairs(dest))
         elif isinstance(value, dict):
             lines.append(f"\n[{section}]")

@@ -17,7 +17,7 @@ from sqlalchemy.orm import aliased
 
 from daemon.assemble import queue_version
 from daemon.db import audit
-from daemon.db.schema import Instance, Result, Study
+from daemon.db.schema import CloseReason, Instance, Result, Study
 
 DEFAULT_THRESHOLD = 0.5  # what the report stage assumes when a result names none
 LEVELS = ("series", "image")  # LSTM (per series) and CNN (per image) results, kept apart
@@ -241,7 +241,13 @@ def replay(
     with engine.begin() as conn:
         study = _replayable(conn, study_uid)
         job_id = queue_version(
-            conn, study.id, study_uid, study.version, max_attempts, list(models) or None
+            conn,
+            study.id,
+            study_uid,
+            study.version,
+            max_attempts,
+            list(models) or None,
+            reason=CloseReason.REPLAY,
         )
         if job_id is None:
             raise ReplayRefused(f"study {study_uid}: changed meanwhile, try again")

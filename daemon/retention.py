@@ -8,6 +8,10 @@ successful C-STORE is all the confirmation there will be). With no destinations
 configured nothing is purged by this rule; a study with new instances, or with a job
 still queued, running or dead, waits. The instances rows stay (`deleted_at` is set) and
 the files go durably, set-aside older versions with them; the SR files stay.
+
+Only instances of the versions the confirmed SR covers go: one that arrived since (and
+that a modality may have been told is committed, daemon.receive.commitment_scp) stays
+until an SR covering it is confirmed, even if it arrives while a purge runs.
 """
 
 from __future__ import annotations
@@ -127,12 +131,15 @@ def purge_study(
     """Remove the study's instance files durably, then mark their rows; returns the count.
 
     Files go first: a crash in between leaves rows whose files are already gone, which the
-    next run removes (a no-op) and marks; the other order could leak files for good.
+    next run removes (a no-op) and marks; the other order could leak files for good. Only
+    the versions the report covers go (a later instance waits for its own SR).
     """
     with engine.connect() as conn:
         rows = conn.execute(
             select(Instance.id, Instance.path).where(
-                Instance.study_id == study_id, Instance.deleted_at.is_(None)
+                Instance.study_id == study_id,
+                Instance.study_version <= report.study_version,
+                Instance.deleted_at.is_(None),
             )
         ).all()
     removed: list[int] = []

@@ -15,6 +15,7 @@ from daemon.db import audit, migrate, queue
 from daemon.db.deliveries import VERIFY_NONE
 from daemon.db.engine import make_engine
 from daemon.db.schema import (
+    ClosedVersion,
     Dispatch,
     DispatchState,
     Instance,
@@ -258,6 +259,7 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
             if job.study_id is not None:
                 study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
                 out["study_uid"] = study.study_uid
+                out.update(_closed(conn, job.study_id, job.payload.get("study_version")))
                 rows = conn.execute(
                     select(
                         Report.sop_instance_uid,
@@ -274,6 +276,24 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
             return out
     finally:
         engine.dispose()
+
+
+def _closed(conn: Connection, study_id: int, version: Any) -> dict[str, Any]:
+    """Why the job's study version closed (mpps, evidence, quiet, sweep, replay), if it did."""
+    if version is None:
+        return {}
+    row = conn.execute(
+        select(ClosedVersion).where(
+            ClosedVersion.study_id == study_id, ClosedVersion.version == int(version)
+        )
+    ).one_or_none()
+    if row is None:
+        return {}
+    return {
+        "closed_by": row.reason,
+        "closed_at": _iso(row.closed_at),
+        "closed_detail": row.detail,
+    }
 
 
 def render_job_detail(job: dict[str, Any]) -> str:

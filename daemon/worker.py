@@ -23,7 +23,7 @@ from daemon.config import Settings
 from daemon.context import JobHandler, WorkerContext
 from daemon.db import queue
 from daemon.db.engine import make_engine
-from daemon.db.keys import ANALYSE, DISPATCH, EMBED, REPORT, VERIFY
+from daemon.db.keys import ANALYSE, COMMITMENT_REPORT, DISPATCH, EMBED, REPORT, VERIFY
 from daemon.db.schema import JobState
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
@@ -43,6 +43,7 @@ def load_handlers() -> dict[str, JobHandler]:
     from daemon.analyse import run_analyse, run_embed
     from daemon.dispatch.job import dispatch_id_of, mark_dead, run_dispatch
     from daemon.dispatch.verify import run_verify
+    from daemon.receive.commitment_scp import report_failed, run_commitment_report
     from daemon.report.job import prebuild_report, run_report
 
     def embed(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
@@ -76,6 +77,7 @@ def load_handlers() -> dict[str, JobHandler]:
         REPORT: JobHandler(run_report),
         DISPATCH: JobHandler(dispatch, started=dispatching, failed=dispatch_failed),
         VERIFY: JobHandler(verify),
+        COMMITMENT_REPORT: JobHandler(run_commitment_report, failed=report_failed),
     }
 
 

@@ -34,9 +34,9 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     """Write a settings dict ({section: {key: value}}, destinations as a list) as TOML."""
     lines: list[str] = []
     for section, table in config.items():
-        if section == "destinations":
+        if section in ("destinations", "sources"):
             for dest in table:
-                lines.append("[[destinations]]")
+                lines.append(f"[[{section}]]")
                 lines += [f"{k} = {_toml_value(v)}" for k, v in dest.items()]
             continue
         lines.append(f"[{section}]")

@@ -7,6 +7,7 @@ ANALYSE = "analyse"
 REPORT = "report"
 DISPATCH = "dispatch"
 VERIFY = "verify"
+COMMITMENT_REPORT = "commitment-report"
 
 
 def embed_key(study_uid: str, version: int, instances: int) -> str:
@@ -37,3 +38,8 @@ def verify_key(dispatch_id: int, send_attempt: int) -> str:
 def resend_key(dispatch_id: int, send_attempt: int) -> str:
     """A send the destination did not confirm is repeated by one more `dispatch` job."""
     return f"{DISPATCH}:{dispatch_id}:resend-a{send_attempt}"
+
+
+def commitment_report_key(request_id: int, invocation: int) -> str:
+    """A modality's Storage Commitment request (each N-ACTION naming it) is answered once."""
+    return f"{COMMITMENT_REPORT}:{request_id}:n{invocation}"

@@ -64,7 +64,8 @@ class ClaimedJob:
     lease_expires_at: dt.datetime
 
 
-def _dialect_insert(conn: Connection) -> Any:
+def dialect_insert(conn: Connection) -> Any:
+    """The engine's INSERT with ON CONFLICT (SQLite's or PostgreSQL's)."""
     return sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert
 
 
@@ -81,7 +82,7 @@ def enqueue(
     """Add a job unless one with `key` exists; return its id either way (idempotent)."""
     now = utcnow()
     stmt = (
-        _dialect_insert(conn)(Job)
+        dialect_insert(conn)(Job)
         .values(
             kind=kind,
             key=key,
@@ -115,6 +116,23 @@ def claim(
         .order_by(Job.run_after, Job.id)
         .limit(1)
     )
+    return _take(engine, candidate, owner, lease_seconds, now)
+
+
+def claim_key(engine: Engine, key: str, owner: str, lease_seconds: float) -> ClaimedJob | None:
+    """Take the queued job named `key` now, due or not, or None when it is not queued.
+
+    For work whose first attempt belongs to the process that queued it (the receiver
+    answering on the association it holds); anyone claims it once it falls due.
+    """
+    candidate = sa_select(Job.id).where(Job.key == key, Job.state == JobState.QUEUED)
+    return _take(engine, candidate, owner, lease_seconds, utcnow())
+
+
+def _take(
+    engine: Engine, candidate: Any, owner: str, lease_seconds: float, now: dt.datetime
+) -> ClaimedJob | None:
+    """Lease the job `candidate` selects (one id), atomically, or None."""
     if not is_sqlite(engine):
         candidate = candidate.with_for_update(skip_locked=True)
     expires = now + dt.timedelta(seconds=lease_seconds)

@@ -204,6 +204,87 @@ class Dispatch(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class CloseReason(enum.StrEnum):
+    """Why a study version stopped taking instances (daemon.assemble decides, one home)."""
+
+    MPPS = "mpps"  # the modality's MPPS said the procedure ended and its images are here
+    EVIDENCE = "evidence"  # every series holds what its images declare, and a short pause
+    QUIET = "quiet"  # nothing arrived for the quiet window
+    SWEEP = "sweep"  # the safety sweep found it quiet (after a restart or a lost timer)
+    REPLAY = "replay"  # an operator asked for the study to be analysed again
+
+
+class ClosedVersion(Base):
+    """A study version queued for analysis: when, why, and what the SR must say about it."""
+
+    __tablename__ = "closed_versions"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(16))
+    # UIDs only: the MPPS step, incomplete series, discontinuation.
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    closed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class MppsState(enum.StrEnum):
+    """Performed Procedure Step Status (0040,0252) as the modality sends it."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class MppsStep(Base):
+    """A Modality Performed Procedure Step a modality created (N-CREATE) and ended (N-SET)."""
+
+    __tablename__ = "mpps_steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    calling_ae: Mapped[str] = mapped_column(AE)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    state: Mapped[str] = mapped_column(String(16), default=MppsState.IN_PROGRESS)
+    # {"series": [series UID...], "instances": [[series UID, SOP Class UID, SOP Instance
+    # UID]...]}: the Performed Series Sequence as the modality last set it.
+    performed: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    discontinued_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The study version whose closing took the step into account; set once.
+    closed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class CommitmentState(enum.StrEnum):
+    """Where a modality's Storage Commitment request stands with its report."""
+
+    PENDING = "pending"  # N-ACTION answered; the N-EVENT-REPORT is still to be delivered
+    REPORTED = "reported"  # the modality acknowledged the N-EVENT-REPORT
+    DEAD = "dead"  # the report job gave up; an operator may retry it
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment N-ACTION a modality sent us, and the report it gets back."""
+
+    __tablename__ = "commitment_requests"
+    __table_args__ = (UniqueConstraint("calling_ae", "transaction_uid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(UID)
+    calling_ae: Mapped[str] = mapped_column(AE)
+    state: Mapped[str] = mapped_column(String(16), default=CommitmentState.PENDING)
+    # [SOP Class UID, SOP Instance UID] pairs, as requested.
+    requested: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Decided once, before the first report goes out, so every attempt says the same.
+    committed: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    failed: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    reported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_status: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class AuditEvent(Base):
     """Append-only audit trail; each row carries the hash of the previous one (a chain)."""
 

@@ -21,6 +21,8 @@ from daemon.dicom.status import (
     INVALID_ARGUMENT_VALUE,
     NO_SUCH_EVENT_TYPE,
     PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
+    Refusal,
     status_meaning,
 )
 
@@ -33,20 +35,20 @@ EVENT_ALL_SUCCESS = 1
 EVENT_FAILURES_PRESENT = 2
 COMMITMENT_EVENT_TYPES = (EVENT_ALL_SUCCESS, EVENT_FAILURES_PRESENT)
 
+# The most instances one request (or one MPPS step) may name: a 3000-slice CT and a few
+# series besides fit; more is answered "resource limitation", not held in memory and rows.
+MAX_REFERENCES = 20000
+
 T = TypeVar("T")
 Reference = tuple[str, str]
 """(Referenced SOP Class UID, Referenced SOP Instance UID)."""
 
 
-class MalformedCommitment(ValueError):
+class MalformedCommitment(Refusal):
     """A request or report that is not a Storage Commitment message we can read.
 
     `status` is the DIMSE status to answer it with.
     """
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,8 @@ def _failure_meaning(reason: int) -> str:
     return "failure" if meaning == "unknown status" else meaning
 
 
-def _references(items: Sequence[Reference]) -> list[Dataset]:
+def reference_items(items: Sequence[Reference]) -> list[Dataset]:
+    """Referenced SOP Sequence items naming each (SOP Class UID, SOP Instance UID)."""
     out = []
     for sop_class_uid, sop_instance_uid in items:
         item = Dataset()
@@ -100,7 +103,7 @@ def commitment_request(transaction_uid: str, references: Sequence[Reference]) ->
     """The N-ACTION Action Information asking to commit (SOP Class UID, SOP Instance UID) pairs."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
-    ds.ReferencedSOPSequence = _references(references)
+    ds.ReferencedSOPSequence = reference_items(references)
     return ds
 
 
@@ -126,11 +129,32 @@ def _referenced(info: Dataset) -> tuple[Reference, ...]:
     )
 
 
+def is_uid(value: str) -> bool:
+    """Whether `value` can name an instance: 1-64 printable characters, no backslash.
+
+    Malformed but harmless UIDs (letters, leading zeros) pass, as the receiver stores them.
+    """
+    return 0 < len(value) <= 64 and value.isprintable() and "\\" not in value
+
+
 def read_commitment_request(info: Dataset | None) -> tuple[str, tuple[Reference, ...]]:
-    """(Transaction UID, references) of an N-ACTION's Action Information, or MalformedCommitment."""
+    """(Transaction UID, references) of an N-ACTION's Action Information, or MalformedCommitment.
+
+    More than MAX_REFERENCES instances are refused with "resource limitation".
+    """
+    if info is not None and len(info.get("ReferencedSOPSequence", None) or ()) > MAX_REFERENCES:
+        raise MalformedCommitment(
+            f"action information names more than {MAX_REFERENCES} instances", RESOURCE_LIMITATION
+        )
     transaction_uid, references = _read("action information", info, _referenced)
     if not references:
         raise MalformedCommitment("action information references nothing", INVALID_ARGUMENT_VALUE)
+    bad = [uid for pair in references for uid in pair if not is_uid(uid)]
+    if bad or not is_uid(transaction_uid):
+        what = repr(bad[0][:70]) if bad else "the Transaction UID"
+        raise MalformedCommitment(
+            f"action information holds a malformed UID: {what}", INVALID_ARGUMENT_VALUE
+        )
     return transaction_uid, references
 
 
@@ -142,9 +166,9 @@ def commitment_report(
     """(Event Type ID, Event Information): what is kept, and (class, UID, reason) of what is not."""
     info = Dataset()
     info.TransactionUID = transaction_uid
-    info.ReferencedSOPSequence = _references(committed)
+    info.ReferencedSOPSequence = reference_items(committed)
     if failed:
-        items = _references([(cls, uid) for cls, uid, _ in failed])
+        items = reference_items([(cls, uid) for cls, uid, _ in failed])
         for item, (_, _, reason) in zip(items, failed, strict=True):
             item.FailureReason = reason
         info.FailedSOPSequence = items

@@ -15,13 +15,19 @@ PENDING_WARNING = 0xFF01  # C-FIND: matches continuing, optional keys not suppor
 FIND_PENDING = (PENDING, PENDING_WARNING)
 
 # General failures (PS3.7 C.4).
+NO_SUCH_ATTRIBUTE = 0x0105
+INVALID_ATTRIBUTE_VALUE = 0x0106
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 NO_SUCH_EVENT_TYPE = 0x0113
 INVALID_ARGUMENT_VALUE = 0x0115
 INVALID_SOP_INSTANCE = 0x0117
 CLASS_INSTANCE_CONFLICT = 0x0119
+MISSING_ATTRIBUTE = 0x0120
+MISSING_ATTRIBUTE_VALUE = 0x0121
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NO_SUCH_ACTION = 0x0123
 NOT_AUTHORIZED = 0x0124
 DUPLICATE_INVOCATION = 0x0210
 UNRECOGNIZED_OPERATION = 0x0211
@@ -49,11 +55,19 @@ WARNING_MEANINGS = {
     WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "data set does not match SOP class",
 }
 FAILURE_MEANINGS = {
+    NO_SUCH_ATTRIBUTE: "no such attribute",
+    INVALID_ATTRIBUTE_VALUE: "invalid attribute value",
     PROCESSING_FAILURE: "processing failure",
+    DUPLICATE_SOP_INSTANCE: "duplicate SOP instance",
     NO_SUCH_OBJECT_INSTANCE: "no such object instance",
+    NO_SUCH_EVENT_TYPE: "no such event type",
+    INVALID_ARGUMENT_VALUE: "invalid argument value",
     INVALID_SOP_INSTANCE: "invalid SOP instance",
     CLASS_INSTANCE_CONFLICT: "class / instance conflict",
+    MISSING_ATTRIBUTE: "missing attribute",
+    MISSING_ATTRIBUTE_VALUE: "missing attribute value",
     SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
+    NO_SUCH_ACTION: "no such action",
     NOT_AUTHORIZED: "not authorized",
     DUPLICATE_INVOCATION: "duplicate invocation",
     UNRECOGNIZED_OPERATION: "unrecognized operation",
@@ -61,6 +75,14 @@ FAILURE_MEANINGS = {
     RESOURCE_LIMITATION: "resource limitation",
     DUPLICATE_TRANSACTION_UID: "duplicate transaction UID",
 }
+
+
+class Refusal(ValueError):
+    """A request we answer with the failure `status` (each service names its own kinds)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def is_warning(status: int) -> bool:

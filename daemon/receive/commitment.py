@@ -1,5 +1,8 @@
 """Storage Commitment reports a PACS sends on a new association to our AE (PS3.4 J.3.3).
 
+This is our role as the SCU (we asked a PACS to keep our SR); requests modalities send us
+(we are the SCP) are daemon.receive.commitment_scp.
+
 After our `verify` job's N-ACTION (daemon.dispatch.verify), most PACS (Orthanc among
 them) open an association of their own to our AE and send the N-EVENT-REPORT there. The
 receiver binds `handle_commitment_report` for it; the Dispatch row named by the report's

@@ -34,6 +34,7 @@ from daemon.dicom import status
 from daemon.dicom.commitment import add_commitment_context
 from daemon.dicom.network import (
     POLL_SECONDS,
+    UNCOMPRESSED,
     AssociationOptions,
     RunningServer,
     server_tls_context,
@@ -42,7 +43,9 @@ from daemon.dicom.network import (
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.receive.commitment import handle_commitment_report
+from daemon.receive.commitment_scp import CommitmentScp
 from daemon.receive.ingest import Ingestor, Request
+from daemon.receive.mpps import MPPS_SOP_CLASS, MppsScp
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -164,19 +167,26 @@ class _Listener:
         )
         ae = _LimitedAE(dicom.ae_title, dicom.max_associations, counts, index)
         ae.require_called_aet = True
-        ae.require_calling_aet = list(dicom.allowed_callers)
+        ae.require_calling_aet = settings.accepted_callers
         AssociationOptions.from_settings(dicom).apply(ae)
         ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         add_commitment_context(ae)
+        ae.add_supported_context(MPPS_SOP_CLASS, list(UNCOMPRESSED))
         self.ae = ae
+        # The modality services: its MPPS steps, its storage commitment requests.
+        self.commitments = CommitmentScp(settings, engine)
+        mpps = MppsScp(engine, on_stored)
         handlers = [
             (
                 evt.EVT_N_EVENT_REPORT,
                 handle_commitment_report,
                 [engine, settings.retry.max_attempts],
             ),
+            (evt.EVT_N_ACTION, self.commitments.on_action),
+            (evt.EVT_N_CREATE, mpps.on_create),
+            (evt.EVT_N_SET, mpps.on_set),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -248,6 +258,7 @@ class _Listener:
             if self.server is not None:
                 self.server.shutdown()
             self.ingestor.close()
+            self.commitments.close()
 
     # Event handlers ---------------------------------------------------------------------
 

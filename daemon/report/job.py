@@ -22,8 +22,17 @@ from daemon.config import Settings
 from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.keys import DISPATCH, dispatch_key
-from daemon.db.schema import Dispatch, DispatchState, Instance, Report, Result, Study
+from daemon.db.schema import (
+    ClosedVersion,
+    Dispatch,
+    DispatchState,
+    Instance,
+    Report,
+    Result,
+    Study,
+)
 from daemon.logsetup import kv
+from daemon.report.completion import Completion
 from daemon.report.heatmap import build_heatmap_sc, heatmap_evidence
 from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
 from daemon.report.sr import build_no_applicable_model_sr, build_sr
@@ -183,6 +192,7 @@ class SrPlan:
     previous: tuple[tuple[str, str], ...]  # the SR it supersedes: (UID, path)
     series_number: int
     device: DeviceInfo
+    completion: Completion = Completion()
 
     @property
     def sop_instance_uid(self) -> str:
@@ -211,7 +221,18 @@ class SrPlan:
             previous=[pydicom.dcmread(path) for _, path in self.previous],
             failures=self.failures,
             heatmap_images=heatmap_images,
+            completion=self.completion,
         )
+
+
+def completion_of(conn: Connection, study_id: int, version: int) -> Completion:
+    """How the study version ended, as its closing recorded it (nothing to say if unclosed)."""
+    detail = conn.execute(
+        select(ClosedVersion.detail).where(
+            ClosedVersion.study_id == study_id, ClosedVersion.version == version
+        )
+    ).scalar_one_or_none()
+    return Completion.from_detail(detail)
 
 
 def _previous_reports(conn: Connection, study_id: int, version: int) -> list[tuple[str, str]]:
@@ -259,6 +280,7 @@ def plan_report(
         previous=tuple(_previous_reports(conn, study.id, version)[-1:]),
         series_number=settings.report.series_number,
         device=device_info(settings),
+        completion=completion_of(conn, study.id, version),
     )
 
 
@@ -317,6 +339,7 @@ def _no_model_report(
         instance_number=version,
         device=device_info(settings),
         previous=[pydicom.dcmread(path) for _, path in previous],
+        completion=completion_of(conn, study.id, version),
     )
 
 

@@ -33,6 +33,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 
+from daemon.report.completion import Completion
 from daemon.report.inputs import CodeSpec, DeviceInfo, Evidence, Finding, SeriesFailure
 from daemon.report.sources import (
     STANDARD_SCHEMES,
@@ -435,6 +436,7 @@ def build_sr(
     failures: Sequence[SeriesFailure] = (),
     sop_class: SopClass = "comprehensive3d",
     heatmap_images: Sequence[Dataset] = (),
+    completion: Completion = Completion(),
 ) -> Dataset:
     """Build the study's AI results SR: one TID 1501 group per finding, failures as text.
 
@@ -459,6 +461,9 @@ def build_sr(
         They join the evidence (not the image library, whose descriptors want an image
         modality), and each finding's group references its own as IMAGE (130401, DCM,
         "Visual explanation").
+    completion
+        How the study version ended (an incomplete or discontinued procedure): its notes
+        are stated as text, and a partial one makes the Completion Flag PARTIAL.
 
     Returns
     -------
@@ -470,7 +475,7 @@ def build_sr(
     return _build(
         sources,
         findings,
-        [f.text for f in failures],
+        [*completion.notes, *(f.text for f in failures)],
         no_model=False,
         sop_instance_uid=sop_instance_uid,
         series_instance_uid=series_instance_uid,
@@ -478,7 +483,7 @@ def build_sr(
         instance_number=instance_number,
         device=device,
         previous=previous,
-        is_complete=not failures,
+        is_complete=not failures and not completion.partial,
         sop_class=sop_class,
         heatmap_images=heatmap_images,
     )
@@ -494,12 +499,13 @@ def build_no_applicable_model_sr(
     device: DeviceInfo,
     previous: Sequence[Dataset] = (),
     sop_class: SopClass = "comprehensive3d",
+    completion: Completion = Completion(),
 ) -> Dataset:
     """Build the short SR that says no model applied, so the study is visibly handled."""
     return _build(
         sources,
         (),
-        [NO_APPLICABLE_MODEL_TEXT],
+        [NO_APPLICABLE_MODEL_TEXT, *completion.notes],
         no_model=True,
         sop_instance_uid=sop_instance_uid,
         series_instance_uid=series_instance_uid,
@@ -507,6 +513,6 @@ def build_no_applicable_model_sr(
         instance_number=instance_number,
         device=device,
         previous=previous,
-        is_complete=True,
+        is_complete=not completion.partial,
         sop_class=sop_class,
     )

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 from sqlalchemy import Engine
 
 from daemon.dicom import status
+from daemon.dicom.commitment import MAX_REFERENCES, commitment_request
 from tests.daemon_proc import Daemon, wait_for
 from tests.integration.receive.helpers import (
     associate,
@@ -43,6 +44,7 @@ from tests.integration.receive.helpers import (
     try_associate,
 )
 from tests.interop.conftest import daemon_config
+from tests.modality import ModalitySimulator, mpps_create_attributes, mpps_set_attributes
 from tests.reliability import harness as h
 
 # The invalid UIDs below are the point of their rows; pydicom warns when it writes them.
@@ -50,6 +52,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarn
 
 AET = "PACSAI"
 ALLOWED = ["TESTSCU", "GOODSCU", "DROPPER", "BIGPDU", "RAWSCU"]
+MODALITY = "CT01"  # a [[sources]] entry: may ask for storage commitment
 MAX_ASSOCIATIONS = 2
 MAX_PDU = 16384
 
@@ -92,6 +95,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "dimse_timeout": 10,
         },
     )
+    config["sources"] = [{"name": "ct1", "ae_title": MODALITY, "host": "127.0.0.1", "port": 9}]
     workdir = root / "daemon"
     workdir.mkdir()
     d = Daemon(workdir, config).start()
@@ -308,6 +312,54 @@ def _garbage_dataset(sop: str) -> Callable[[Ctx], Seen]:
     return send
 
 
+def _commitment(calling: str, info: Callable[[], Dataset]) -> Callable[[Ctx], Seen]:
+    def send(ctx: Ctx) -> Seen:
+        sim = ModalitySimulator(calling)
+        with sim.associate(ctx.port, storage=False) as assoc:
+            return ("status", sim.request_commitment(assoc, "", [], info=info()))
+
+    return send
+
+
+def _references(count: int, sop: str = "") -> Dataset:
+    return commitment_request(
+        generate_uid(), [(CTImageStorage, sop or f"1.2.3.{i}") for i in range(count)]
+    )
+
+
+def _without_instance_uid() -> Dataset:
+    info = _references(1)
+    del info.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return info
+
+
+def _mpps(*steps: Callable[[ModalitySimulator, Any, str], int]) -> Callable[[Ctx], Seen]:
+    """Run the MPPS messages in order on one association; the status of the last."""
+
+    def send(ctx: Ctx) -> Seen:
+        sim = ModalitySimulator(MODALITY)
+        step = generate_uid()
+        with sim.associate(ctx.port, storage=False) as assoc:
+            answers = [message(sim, assoc, step) for message in steps]
+        return ("status", answers[-1])
+
+    return send
+
+
+def _create(change: Callable[[Dataset], None] = lambda ds: None) -> Any:
+    def message(sim: ModalitySimulator, assoc: Any, step: str) -> int:
+        attributes = mpps_create_attributes(generate_uid())
+        change(attributes)
+        return sim.mpps_create(assoc, step, attributes)
+
+    return message
+
+
+def _complete(sim: ModalitySimulator, assoc: Any, step: str) -> int:
+    done = mpps_set_attributes("COMPLETED", {generate_uid(): [(CTImageStorage, generate_uid())]})
+    return sim.mpps_set(assoc, step, done)
+
+
 # The table ----------------------------------------------------------------------------
 
 
@@ -386,6 +438,37 @@ def _cases() -> list[Case]:
         # pynetdicom does not hold a peer to our maximum PDU length: it reads on until the
         # announced length or EOF. The association ends when the sender stops, nothing kept.
         Case("oversized-pdu", _oversized_pdu, ("closed",)),
+        # The modality services (PS3.4 Annex J and F).
+        Case(
+            "commitment-from-an-ae-outside-sources",
+            _commitment("TESTSCU", lambda: _references(1)),
+            ("status", status.NOT_AUTHORIZED),
+        ),
+        Case(
+            "commitment-malformed-referenced-sop-sequence",
+            _commitment(MODALITY, _without_instance_uid),
+            ("status", status.INVALID_ARGUMENT_VALUE),
+        ),
+        Case(
+            "commitment-naming-too-many-instances",
+            _commitment(MODALITY, lambda: _references(MAX_REFERENCES + 1)),
+            ("status", status.RESOURCE_LIMITATION),
+        ),
+        Case(
+            "mpps-create-without-a-required-attribute",
+            _mpps(_create(lambda ds: delattr(ds, "Modality"))),
+            ("status", status.MISSING_ATTRIBUTE),
+        ),
+        Case(
+            "mpps-set-of-an-unknown-step",
+            _mpps(_complete),
+            ("status", status.NO_SUCH_OBJECT_INSTANCE),
+        ),
+        Case(
+            "mpps-set-of-a-completed-step",
+            _mpps(_create(), _complete, _complete),
+            ("status", status.PROCESSING_FAILURE),
+        ),
     ]
     return cases
 

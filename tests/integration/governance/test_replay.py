@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select, update
 
 from daemon import analyse
-from daemon.assemble import close_version
+from daemon.assemble import Waits, decide
 from daemon.cli import main
 from daemon.config import Settings
 from daemon.context import WorkerContext
@@ -75,7 +75,7 @@ def test_replay_neither_waits_for_quiet_nor_needs_a_new_instance(
     engine: Engine, spool: Spool
 ) -> None:
     study_uid = _spooled_study(engine, spool, version=2)  # instances all in version 1
-    assert not close_version(engine, study_uid, quiet_seconds=3600, max_attempts=3)
+    assert not decide(engine, Waits(quiet=3600, evidence=None, max_attempts=3), study_uid)
     replay(engine, study_uid, max_attempts=3)
     replay(engine, study_uid, max_attempts=3)
     assert _study(engine, study_uid).version == 4
@@ -83,7 +83,7 @@ def test_replay_neither_waits_for_quiet_nor_needs_a_new_instance(
 
 def test_quiet_study_is_still_closed_by_the_timer(engine: Engine, spool: Spool) -> None:
     study_uid = _spooled_study(engine, spool, version=1)
-    assert close_version(engine, study_uid, quiet_seconds=0, max_attempts=3)
+    assert decide(engine, Waits(quiet=0, evidence=None, max_attempts=3), study_uid)
     assert _job(engine, analyse_key(study_uid, 1)).payload == {
         "study_uid": study_uid,
         "study_version": 1,
@@ -243,7 +243,7 @@ def test_analysis_audits_each_model_with_its_weights_hash_and_passes_the_shadow_
     engine: Engine, spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study_uid = _spooled_study(engine, spool, version=1)
-    assert close_version(engine, study_uid, quiet_seconds=0, max_attempts=3)
+    assert decide(engine, Waits(quiet=0, evidence=None, max_attempts=3), study_uid)
     calls: list[Any] = []
     monkeypatch.setattr(analyse, "analyse_one_series", _fake_analysis(calls))
     settings = Settings(storage={"spool_dir": str(spool.root)}, models={"shadow": ["cnn-b"]})
@@ -264,7 +264,7 @@ def test_analysis_that_loses_its_lease_audits_nothing(
     engine: Engine, spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     study_uid = _spooled_study(engine, spool, version=1)
-    assert close_version(engine, study_uid, quiet_seconds=0, max_attempts=3)
+    assert decide(engine, Waits(quiet=0, evidence=None, max_attempts=3), study_uid)
     monkeypatch.setattr(analyse, "analyse_one_series", _fake_analysis([]))
     job = queue.claim(engine, OWNER, [ANALYSE], lease_seconds=60)
     assert job is not None

@@ -19,10 +19,12 @@ AET = "PACSAI"
 Start = Callable[..., Receiver]
 
 
-def make_settings(port: int, spool_dir: Path, **dicom: Any) -> Settings:
+def make_settings(
+    port: int, spool_dir: Path, sources: list[dict[str, Any]] | None = None, **dicom: Any
+) -> Settings:
     storage = {"spool_dir": str(spool_dir), "min_free_mb": dicom.pop("min_free_mb", 1)}
     base = {"ae_title": AET, "bind": "127.0.0.1", "port": port, "drain_seconds": 2.0}
-    return Settings(dicom={**base, **dicom}, storage=storage)
+    return Settings(dicom={**base, **dicom}, storage=storage, sources=sources or [])
 
 
 @pytest.fixture
@@ -35,7 +37,8 @@ def stored() -> list[str]:
 def start_receiver(
     port: int, spool_dir: Path, stored: list[str]
 ) -> Iterator[Callable[..., Receiver]]:
-    """start_receiver(engine, spool=None, on_stored=None, **dicom settings) -> running Receiver."""
+    """start_receiver(engine, spool=None, on_stored=None, sources=None, **dicom settings)
+    -> a running Receiver."""
     running: list[Receiver] = []
 
     def start(
@@ -43,10 +46,11 @@ def start_receiver(
         spool: Spool | None = None,
         on_stored: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        sources: list[dict[str, Any]] | None = None,
         **dicom: Any,
     ) -> Receiver:
         receiver = Receiver(
-            make_settings(port, spool_dir, **dicom),
+            make_settings(port, spool_dir, sources, **dicom),
             engine,
             on_stored or stored.append,
             spool=spool,
