@@ -66,3 +66,9 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
     noisy = logging.DEBUG if level == "debug" else logging.WARNING
     for name in ("pynetdicom", "apscheduler", "alembic", "tensorflow", "absl", "h5py", "highdicom"):
         logging.getLogger(name).setLevel(noisy)
+    # uvicorn's start/stop chatter repeats our own lines; python-multipart warns about a
+    # broken body the HTTP layer already refuses in one line of its own.
+    logging.getLogger("uvicorn").setLevel(noisy)
+    logging.getLogger("python_multipart").setLevel(
+        logging.DEBUG if level == "debug" else logging.ERROR
+    )

@@ -40,6 +40,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+# Debian's orthanc-dicomweb package.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 # Full path: pynetdicom installs a `storescp` of its own into the venv.
 STORESCP_BIN = "/usr/bin/storescp"
 LOOPBACK = "127.0.0.1"
@@ -79,6 +82,13 @@ def _require(program: str, what: str) -> None:
 def require_orthanc() -> None:
     """Skip (or, with $CI set, fail) the current test when Orthanc is not installed."""
     _require(ORTHANC_BIN, "Orthanc")
+
+
+def require_orthanc_dicomweb() -> None:
+    """Skip (or, with $CI set, fail) the current test without Orthanc's DICOMweb plugin."""
+    _require(ORTHANC_BIN, "Orthanc")
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        _require(DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (orthanc-dicomweb)")
 
 
 def require_dcmtk() -> None:
@@ -216,6 +226,11 @@ class Orthanc(_Peer):
         Where storage, index, config and log live; a fresh temporary directory by default.
     dicom_port, http_port:
         Fixed ports (e.g. those of an earlier instance this one replaces); free ones by default.
+    dicomweb:
+        Load Debian's DICOMweb plugin (served under `dicomweb_url`).
+    dicomweb_servers:
+        DICOMweb servers Orthanc may send to (`/dicom-web/servers/{name}/stow`), by name:
+        the plugin's `Servers` entries (``{"Url": ..., "HttpHeaders": {...}}``).
     """
 
     def __init__(
@@ -228,6 +243,8 @@ class Orthanc(_Peer):
         workdir: Path | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        dicomweb: bool = False,
+        dicomweb_servers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(workdir)
         self.aet = aet
@@ -235,9 +252,15 @@ class Orthanc(_Peer):
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.config_path = self.workdir / "orthanc.json"
-        self.config_path.write_text(
-            json.dumps(self._config(list(modalities), allow_unknown, check_called_aet), indent=2)
-        )
+        config = self._config(list(modalities), allow_unknown, check_called_aet)
+        if dicomweb or dicomweb_servers:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "Servers": dict(dicomweb_servers or {}),
+            }
+        self.config_path.write_text(json.dumps(config, indent=2))
 
     def _config(
         self, modalities: list[Modality], allow_unknown: bool, check_called_aet: bool
@@ -278,6 +301,11 @@ class Orthanc(_Peer):
     def url(self) -> str:
         """Base URL of the REST API."""
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (with the plugin loaded), without a trailing slash."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
 
     def start(self) -> None:
         """Start Orthanc (again, on the same storage and ports) and wait for REST and DICOM."""

@@ -165,6 +165,15 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """An upload `Ingestor.admit` checked: refused (`answer` is final) or awaiting its commit."""
+
+    answer: Answer | None
+    upload: Upload
+    item: _Pending | None = None
+
+
+@dataclass(frozen=True)
 class Answer:
     """What became of one `Upload`: a C-STORE status code, and the instance when it was read."""
 
@@ -172,6 +181,7 @@ class Answer:
     reason: str | None
     ids: Identifiers | None
     outcome: Outcome | None = None
+    size: int = 0
 
     @property
     def ok(self) -> bool:
@@ -266,6 +276,27 @@ def read_file_identifiers(path: Path) -> Identifiers:
         return _identifiers(fh, os.fstat(fh.fileno()).st_size)
 
 
+def _identifiers_in_head(head: bytes, size: int) -> Identifiers | None:
+    """The identifiers when the first bytes of a `size`-byte file settle them, else None.
+
+    They settle them when the header parses to the file's exact end (its pixel data skipped
+    by length): then the file cannot be truncated either. Anything else, including a header
+    longer than `head`, is left to `read_file_identifiers`.
+    """
+    stream = io.BytesIO(head)
+    try:
+        ds = dcmread(stream, force=True, defer_size=DEFER_BYTES)
+        if (
+            stream.tell() != size
+            or ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        ):
+            return None
+        _check_complete(ds)
+        return _identifiers(stream, size, dataset=ds)
+    except (*PARSE_ERRORS, Refused):
+        return None
+
+
 def head_identifiers(head: bytes) -> Identifiers | None:
     """The identifiers in the first bytes of an instance, when they are there (else None)."""
     try:
@@ -274,9 +305,12 @@ def head_identifiers(head: bytes) -> Identifiers | None:
         return None
 
 
-def _identifiers(stream: BinaryIO, size: int, *, whole: bool = True) -> Identifiers:
+def _identifiers(
+    stream: BinaryIO, size: int, *, whole: bool = True, dataset: Dataset | None = None
+) -> Identifiers:
+    """The identifiers of the dataset in `stream` (or of `dataset`, already read from it)."""
     try:
-        ds = _read(stream, size, whole=whole)
+        ds = dataset if dataset is not None else _read(stream, size, whole=whole)
         uids = {
             kw: _text(ds, tag)
             for kw, tag in (
@@ -350,13 +384,17 @@ def _check_uids(ids: Identifiers) -> None:
         raise Refused(status.INVALID_UID, "invalid UID", str(exc)) from exc
 
 
-def check_upload(path: Path, expected_study: str | None) -> Identifiers:
+def check_upload(upload: Upload, expected_study: str | None) -> Identifiers:
     """An uploaded Part 10 file's identifiers once they are usable, or Refused.
 
+    Read from the bytes kept in memory when they hold the whole header, else from the file.
     With `expected_study` (STOW-RS to /studies/{study}) an instance of another study is
     refused with `STUDY_MISMATCH`.
     """
-    ids = read_file_identifiers(path)
+    ids = _identifiers_in_head(upload.head, upload.size)
+    if ids is None:
+        assert upload.path is not None
+        ids = read_file_identifiers(upload.path)
     if ids.transfer_syntax_uid is None:
         raise Refused(
             status.CANNOT_PARSE_DATASET,
@@ -465,9 +503,17 @@ class Ingestor:
             if written is not None:
                 self._discard(written)
 
+    def has_room(self) -> bool:
+        """Whether the spool has `min_free_bytes` free (else instances get 0xA700)."""
+        return self.spool.has_room(self.min_free_bytes)
+
+    def finish_upload(self, fh: BinaryIO, tmp: Path) -> concurrent.futures.Future[Path]:
+        """Make a streamed temporary file durable on a writer thread (see `Upload.written`)."""
+        return self._writers.submit(self.spool.finish_temp, fh, tmp)
+
     def _start_write(self, data: bytes) -> concurrent.futures.Future[Path] | None:
         """Begin writing the temporary file; None when the spool lacks room."""
-        if not self.spool.has_room(self.min_free_bytes):
+        if not self.has_room():
             return None
         return self._writers.submit(self.spool.write_temp_file, data)
 
@@ -586,54 +632,61 @@ class Ingestor:
         Each answer is final: success only once the instance's file and row are durable.
         The caller owns the temporary files and removes what the commit did not rename.
         """
-        answers: list[Answer | None] = [None] * len(uploads)
-        waiting: list[tuple[int, _Pending]] = []
-        for index, upload in enumerate(uploads):
-            early = self._check_upload(upload, expected_study)
-            if isinstance(early, Answer):
-                answers[index] = early
-            else:
-                waiting.append((index, early))
-        self._commit_items([item for _, item in waiting])
-        studies: dict[str, None] = {}
-        for index, item in waiting:
-            if isinstance(item.result, Refused):
-                answers[index] = self._refuse_upload(uploads[index], item.result, item.ids)
-                continue
-            code, reason = self._settled(item)
-            outcome = item.result if isinstance(item.result, Outcome) else None
-            answers[index] = Answer(code, reason, item.ids, outcome)
-            if outcome is not None:
-                studies[item.ids.study_uid] = None
-        if self.on_stored is not None:
-            for study_uid in studies:
-                self.on_stored(study_uid)
-        return [a for a in answers if a is not None]
+        return self.commit_admitted([self.admit(u, expected_study) for u in uploads])
 
-    def _check_upload(self, upload: Upload, expected_study: str | None) -> Answer | _Pending:
-        """The upload ready to commit, or its answer when it cannot be stored."""
+    def admit(self, upload: Upload, expected_study: str | None = None) -> Admitted:
+        """Check one upload as soon as it is complete (while later ones still stream).
+
+        A refused upload is quarantined now and its answer is final; the others wait for
+        `commit_admitted`.
+        """
         if self._closed:
-            return Answer(
-                status.OUT_OF_RESOURCES, "receiver stopping", head_identifiers(upload.head)
-            )
+            ids = head_identifiers(upload.head)
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "receiver stopping", ids), upload)
         if upload.written is None or upload.path is None:
             self._warn_space()
-            return Answer(status.OUT_OF_RESOURCES, "spool disk full", head_identifiers(upload.head))
+            ids = head_identifiers(upload.head)
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "spool disk full", ids), upload)
         try:
-            ids = check_upload(upload.path, expected_study)
+            ids = check_upload(upload, expected_study)
         except Refused as refused:
-            return self._refuse_upload(upload, refused, head_identifiers(upload.head))
+            answer = self._refuse_upload(upload, refused, head_identifiers(upload.head))
+            return Admitted(answer, upload)
         except OSError as exc:  # the temporary file is gone: its writer failed
             log.error(
                 "instance not stored: spool write failed",
                 extra=kv(part=upload.label, calling_ae=upload.calling_ae, exc=str(exc)),
             )
-            return Answer(status.OUT_OF_RESOURCES, "spool write failed", None)
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "spool write failed", None), upload)
         path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         syntax = str(ids.transfer_syntax_uid)
-        return _Pending(
+        item = _Pending(
             ids, syntax, upload.calling_ae, path, upload.written, upload.size, upload.sha256
         )
+        return Admitted(None, upload, item)
+
+    def commit_admitted(self, admitted: Sequence[Admitted]) -> list[Answer]:
+        """Commit every admitted upload in one group; the answers in the same order."""
+        self._commit_items([a.item for a in admitted if a.item is not None])
+        answers: list[Answer] = []
+        studies: dict[str, None] = {}
+        for entry in admitted:
+            item = entry.item
+            if item is None:
+                assert entry.answer is not None
+                answers.append(entry.answer)
+            elif isinstance(item.result, Refused):
+                answers.append(self._refuse_upload(entry.upload, item.result, item.ids))
+            else:
+                code, reason = self._settled(item)
+                outcome = item.result if isinstance(item.result, Outcome) else None
+                answers.append(Answer(code, reason, item.ids, outcome, item.size))
+                if outcome is not None:
+                    studies[item.ids.study_uid] = None
+        if self.on_stored is not None:
+            for study_uid in studies:
+                self.on_stored(study_uid)
+        return answers
 
     def _refuse_upload(self, upload: Upload, refused: Refused, ids: Identifiers | None) -> Answer:
         details = f"calling_ae: {upload.calling_ae}\npeer: {upload.peer}\nsource: {upload.label}\n"
