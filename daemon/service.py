@@ -188,7 +188,7 @@ class Service:
         self._scheduler_tick = time.monotonic()
 
     def _echo_destinations(self) -> None:
-        from daemon.dispatch.scu import echo
+        from daemon.dispatch.destinations import echo
 
         for dest in self.settings.destinations:
             outcome = echo(dest, self.settings.dicom.ae_title)
@@ -196,7 +196,7 @@ class Service:
                 log.info("destination answers", extra=kv(destination=dest.name, echo=str(outcome)))
             else:
                 log.warning(
-                    "destination does not answer C-ECHO; reports will wait and retry",
+                    "destination does not answer; reports will wait and retry",
                     extra=kv(destination=dest.name, echo=str(outcome)),
                 )
 

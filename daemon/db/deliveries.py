@@ -31,6 +31,7 @@ CONFIRMED = "confirmed"
 VERIFY_NONE = "none"
 VERIFY_FIND = "find"
 VERIFY_COMMITMENT = "commitment"
+VERIFY_QIDO = "qido"
 
 # N-EVENT-REPORT Event Type IDs of the Storage Commitment Push Model (PS3.4 J.3.3).
 EVENT_ALL_SUCCESS = 1
