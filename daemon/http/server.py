@@ -85,7 +85,7 @@ class _Protocol(H11Protocol):
         self.logger = _ConnectionLog(logging.getLogger("uvicorn.error"), {})  # type: ignore[assignment]
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
-        self._header_bytes = 0
+        self._head = bytearray()  # the start of a request, until its headers end
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -99,14 +99,25 @@ class _Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        waiting_for_headers = self.conn.their_state is h11.IDLE
-        if waiting_for_headers:
-            self._header_bytes += len(data)
+        if self.conn.their_state is h11.IDLE:
             self._arm_header_timer()
+            if self._headers_too_long(data):
+                reason = f"request headers longer than {MAX_HEADER_BYTES} bytes"
+                self._refusal(431, reason)
+                _respond_and_close(self.transport, 431, "Request Header Fields Too Large", reason)
+                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._disarm_header_timer()
-            self._header_bytes = 0
+            self._head.clear()
+
+    def _headers_too_long(self, data: bytes) -> bool:
+        """Whether the request line and headers run past MAX_HEADER_BYTES (h11 only checks
+        what is still incomplete, so a long block arriving at once would pass it)."""
+        if len(self._head) > MAX_HEADER_BYTES:
+            return False  # ended within the limit already
+        self._head += data[: MAX_HEADER_BYTES + 4 - len(self._head)]
+        return b"\r\n\r\n" not in self._head and len(self._head) > MAX_HEADER_BYTES
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -126,11 +137,6 @@ class _Protocol(H11Protocol):
         _respond_and_close(self.transport, 408, "Request Timeout", reason)
 
     def send_400_response(self, msg: str) -> None:
-        if self._header_bytes > MAX_HEADER_BYTES:
-            reason = f"request headers longer than {MAX_HEADER_BYTES} bytes"
-            self._refusal(431, reason)
-            _respond_and_close(self.transport, 431, "Request Header Fields Too Large", reason)
-            return
         self._refusal(400, "malformed HTTP request")
         super().send_400_response(msg)
 
