@@ -74,6 +74,7 @@ def quiet_libraries(level: str = "info") -> None:
     # uvicorn's start/stop chatter repeats our own lines; python-multipart warns about a
     # broken body the HTTP layer already refuses in one line of its own.
     logging.getLogger("uvicorn").setLevel(noisy)
+    logging.getLogger("httpx").setLevel(noisy)  # a line per request of the DICOMweb dispatch
     logging.getLogger("python_multipart").setLevel(
         logging.DEBUG if level == "debug" else logging.ERROR
     )

@@ -490,3 +490,89 @@ class RecordingSCP:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class RecordingStow:
+    """An in-process DICOMweb origin server whose answers a test sets (uvicorn, loopback).
+
+    `answer(content_type, parts)` returns (HTTP status, DICOM JSON body or None) for each
+    STOW-RS POST; `qido` gives (status, body) for each QIDO-RS GET. `requests` lists
+    (method, path, query, Authorization header, parts) of every request.
+    """
+
+    def __init__(
+        self,
+        answer: Any = None,
+        qido: tuple[int, Any] = (200, []),
+    ) -> None:
+        self.answer = answer or (lambda _ctype, _parts: (200, {}))
+        self.qido = qido
+        self.requests: list[tuple[str, str, str, str | None, list[bytes]]] = []
+        self.port = 0
+        self._server: Any = None
+        self._thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/dicomweb"
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        parts: list[bytes] = []
+        ctype = headers.get("content-type", "")
+        boundary = parse_options_header(ctype)[1].get(b"boundary")
+        if boundary:
+            for chunk in body.split(b"--" + boundary)[1:-1]:
+                parts.append(chunk.split(b"\r\n\r\n", 1)[1][:-2])
+        self.requests.append(
+            (scope["method"], scope["path"], scope["query_string"].decode(),
+             headers.get("authorization"), parts)  # fmt: skip
+        )
+        status, answer = self.qido if scope["method"] == "GET" else self.answer(ctype, parts)
+        content = b"" if answer is None else json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/dicom+json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": content})
+
+    def start(self) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(self._app, host=LOOPBACK, port=self.port, log_config=None,
+                                access_log=False, lifespan="off", interface="asgi3")  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
+
+    def __enter__(self) -> RecordingStow:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

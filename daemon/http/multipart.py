@@ -24,6 +24,8 @@ DICOM = "application/dicom"
 # Kept in memory per part: enough for the identifiers when the spool has no room to write.
 HEAD_BYTES = 65536
 CLOSE = {"Connection": "close"}
+# RFC 2046 says 70; Orthanc's DICOMweb client sends two UUIDs (73). python-multipart's cap.
+MAX_BOUNDARY = 256
 
 
 def stow_boundary(content_type: str | None) -> bytes:
@@ -39,8 +41,10 @@ def stow_boundary(content_type: str | None) -> bytes:
             415, f"multipart/related of {part_type[:60]}: only {DICOM} is stored", CLOSE
         )
     boundary = params.get("boundary", "")
-    if not boundary or len(boundary) > 70:
-        raise HttpRefusal(400, "multipart boundary missing or longer than 70 characters", CLOSE)
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise HttpRefusal(
+            400, f"multipart boundary missing or over {MAX_BOUNDARY} characters", CLOSE
+        )
     return boundary.encode("latin-1")
 
 
