@@ -124,16 +124,18 @@ async def store(request: Request) -> Response:
             await feeding
         admitted = writer.finish()
         answers = await run_in_threadpool(ctx.ingestor.commit_admitted, admitted)
-    except ClientDisconnect:
+        await run_in_threadpool(writer.discard)
+    except BaseException as exc:
+        if feeding is not None and not feeding.done():
+            await asyncio.wait([feeding])  # the writer is not thread-safe: let it finish
+        await run_in_threadpool(writer.discard)
+        if not isinstance(exc, ClientDisconnect):
+            raise
         log.warning(
             "stow-rs request abandoned by the client: nothing stored",
             extra=kv(peer=peer(request), principal=principal.name, received=received),
         )
         return Response(status_code=400)  # nobody reads it
-    finally:
-        if feeding is not None and not feeding.done():
-            await asyncio.wait([feeding])  # the writer is not thread-safe: let it finish
-        await run_in_threadpool(writer.discard)
     code, body = store_instances_response(answers)
     ctx.count_instances(principal.name, answers)
     stored = sum(1 for a in answers if a.ok)

@@ -85,6 +85,7 @@ class PartWriter:
         self._part: _Part | None = None
         self._uploads: list[Admitted] = []
         self._opened: list[tuple[BinaryIO, Path]] = []
+        self._handles: dict[Path, BinaryIO] = {}  # files handed to a writer, for `discard`
         self._ended = False
         self._parser = MultipartParser(
             boundary,
@@ -123,9 +124,13 @@ class PartWriter:
             fh.close()
             path.unlink(missing_ok=True)
         for admitted in self._uploads:
-            if admitted.upload.path is not None:
-                # A writer may still fsync it: the unlinked file goes once it closes.
-                self._ingestor.spool.discard_temp(admitted.upload.path)
+            upload = admitted.upload
+            if upload.path is None or upload.written is None:
+                continue
+            if upload.written.cancel():  # never fsync'd: a duplicate or a refusal
+                self._handles.pop(upload.path).close()
+            # A writer still fsyncing it closes it; the unlinked file goes then.
+            self._ingestor.spool.discard_temp(upload.path)
 
     # Parser callbacks -----------------------------------------------------------------
 
@@ -199,6 +204,7 @@ class PartWriter:
                 self._drop_file(part)
         if part.fh is not None and part.path is not None:
             self._opened.remove((part.fh, part.path))
+            self._handles[part.path] = part.fh
             written = self._ingestor.finish_upload(part.fh, part.path)
         upload = Upload(
             path=part.path,
