@@ -165,17 +165,14 @@ class Spool:
 
     def write_temp_file(self, data: bytes) -> Path:
         """Write `data` to a durable temporary file; a caller that hashes on its own uses this."""
-        fd, name = _mkstemp(self.tmp_dir)
-        tmp = Path(name)
+        fh, tmp = self.open_temp()
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fh.write(data)
         except BaseException:
+            fh.close()
             tmp.unlink(missing_ok=True)
             raise
-        return tmp
+        return self.finish_temp(fh, tmp)
 
     def open_temp(self) -> tuple[BinaryIO, Path]:
         """A new temporary file to stream into; `finish_temp` makes it durable."""

@@ -420,7 +420,29 @@ class StoreSCP(_Peer):
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
 
 
-class RecordingSCP:
+class _InProcess:
+    """A peer started and stopped in this process: `with Peer(...) as peer:`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RecordingSCP(_InProcess):
     """An in-process pynetdicom SCP that accepts only `sop_classes` and answers `status`.
 
     For tests that need a peer with a narrow capability (e.g. Enhanced SR but not
@@ -483,16 +505,8 @@ class RecordingSCP:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
-
-class RecordingStow:
+class RecordingStow(_InProcess):
     """An in-process DICOMweb origin server whose answers a test sets (uvicorn, loopback).
 
     `answer(content_type, parts)` returns (HTTP status, DICOM JSON body or None) for each
@@ -535,8 +549,13 @@ class RecordingStow:
             for chunk in body.split(b"--" + boundary)[1:-1]:
                 parts.append(chunk.split(b"\r\n\r\n", 1)[1][:-2])
         self.requests.append(
-            (scope["method"], scope["path"], scope["query_string"].decode(),
-             headers.get("authorization"), parts)  # fmt: skip
+            (
+                scope["method"],
+                scope["path"],
+                scope["query_string"].decode(),
+                headers.get("authorization"),
+                parts,
+            )  # fmt: skip
         )
         status, answer = self.qido if scope["method"] == "GET" else self.answer(ctype, parts)
         content = b"" if answer is None else json.dumps(answer).encode()
@@ -568,11 +587,3 @@ class RecordingStow:
     def __enter__(self) -> RecordingStow:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

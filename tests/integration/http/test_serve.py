@@ -12,7 +12,7 @@ import httpx
 from dicomweb_client import DICOMwebClient
 
 from tests.daemon_proc import Daemon, port_accepts, wait_for
-from tests.integration.http.conftest import http_config, no_models
+from tests.integration.http.conftest import http_config, no_models, serving
 from tests.integration.service.helpers import NotifySocket, listening_children
 from tests.unit.http.conftest import study
 
@@ -70,22 +70,22 @@ def test_stow_counts_in_metrics_which_need_a_read_token(
     tmp_path: Path, make_daemon: Callable[..., Daemon]
 ) -> None:
     config, tokens = http_config(tmp_path, no_models(tmp_path), workers={"count": 0})
-    with make_daemon(config) as daemon:
-        url = base_url(daemon)
-        wait_for(lambda: port_accepts(config["http"]["port"]), 30, "the HTTP port")
-        client = DICOMwebClient(
-            f"{url}/dicomweb", headers={"Authorization": f"Bearer {tokens['store']}"}
-        )
-        client.store_instances(study(3))
-        assert httpx.get(f"{url}/metrics").status_code == 401
-        page = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tokens['read']}"})
-        assert page.status_code == 200
-        assert (
-            'pacsai_instances_received_total{calling_ae="store-client",status="0x0000"} 3.0'
-            in page.text
-        )
-        assert 'pacsai_http_requests_total{route="dicomweb",status="200"} 1.0' in page.text
-        assert "pacsai_jobs" in page.text
+    daemon = make_daemon(config)
+    url = serving(daemon)
+    client = DICOMwebClient(
+        f"{url}/dicomweb", headers={"Authorization": f"Bearer {tokens['store']}"}
+    )
+    client.store_instances(study(3))
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    page = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tokens['read']}"})
+    assert page.status_code == 200
+    assert (
+        'pacsai_instances_received_total{calling_ae="store-client",status="0x0000"} 3.0'
+        in page.text
+    )
+    assert 'pacsai_http_requests_total{route="dicomweb",status="200"} 1.0' in page.text
+    assert "pacsai_jobs" in page.text
+    assert daemon.stop() == 0
 
 
 def test_a_port_in_use_fails_the_start_naming_the_setting(
@@ -110,26 +110,25 @@ def test_a_large_body_streams_with_bounded_memory(
 ) -> None:
     """A 512 MiB instance goes through serve while its peak RSS grows by far less than that."""
     config, tokens = http_config(tmp_path, no_models(tmp_path), workers={"count": 0})
-    with make_daemon(config) as daemon:
-        url = base_url(daemon)
-        wait_for(lambda: port_accepts(config["http"]["port"]), 30, "the HTTP port")
-        assert daemon.proc is not None
-        before = peak_rss(daemon.proc.pid)
-        size = 512 * 2**20
-        rsp = httpx.post(
-            f"{url}/dicomweb/studies",
-            content=big_instance_body(size),
-            headers={
-                "Authorization": f"Bearer {tokens['store']}",
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
-            },
-            timeout=300,
-        )
-        assert rsp.status_code == 200, rsp.text
-        grown = peak_rss(daemon.proc.pid) - before
-        assert grown < 64 * 2**20, f"peak RSS grew by {grown // 2**20} MiB for a 512 MiB body"
-        rows = daemon.cli_json("jobs", "list")  # the daemon still answers its CLI
-        assert isinstance(rows, list)
+    daemon = make_daemon(config)
+    url = serving(daemon)
+    assert daemon.proc is not None
+    before = peak_rss(daemon.proc.pid)
+    size = 512 * 2**20
+    rsp = httpx.post(
+        f"{url}/dicomweb/studies",
+        content=big_instance_body(size),
+        headers={
+            "Authorization": f"Bearer {tokens['store']}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+        },
+        timeout=300,
+    )
+    assert rsp.status_code == 200, rsp.text
+    grown = peak_rss(daemon.proc.pid) - before
+    assert grown < 64 * 2**20, f"peak RSS grew by {grown // 2**20} MiB for a 512 MiB body"
+    rows = daemon.cli_json("jobs", "list")  # the daemon still answers its CLI
+    assert isinstance(rows, list)
 
 
 BOUNDARY = "big-instance-boundary"

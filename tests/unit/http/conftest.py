@@ -62,6 +62,17 @@ class Face:
 StartFace = Callable[..., Face]
 
 
+def role_tokens(roles: tuple[str, ...]) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """A fresh token per role, and the `[[http.tokens]]` entries (named `<role>-client`)."""
+    tokens: dict[str, str] = {}
+    entries = []
+    for role in roles:
+        token, sha = new_token()
+        tokens[role] = token
+        entries.append({"name": f"{role}-client", "sha256": sha, "role": role})
+    return tokens, entries
+
+
 @pytest.fixture
 def start_face(engine: Engine, tmp_path: Path) -> Iterator[StartFace]:
     """start_face(**[http] settings, min_free_mb=..., free_bytes=...) -> a running Face."""
@@ -70,12 +81,7 @@ def start_face(engine: Engine, tmp_path: Path) -> Iterator[StartFace]:
     def start(
         *, min_free_mb: int = 0, free_bytes: Callable[[Path], int] | None = None, **http: Any
     ) -> Face:
-        tokens: dict[str, str] = {}
-        entries = []
-        for role in ROLES:
-            token, sha = new_token()
-            tokens[role] = token
-            entries.append({"name": f"{role}-client", "sha256": sha, "role": role})
+        tokens, entries = role_tokens(ROLES)
         config = {"bind": "127.0.0.1", "port": free_port(), "tokens": entries, **http}
         settings = Settings(
             storage={"spool_dir": str(tmp_path / "spool"), "min_free_mb": min_free_mb},

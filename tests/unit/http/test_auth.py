@@ -94,6 +94,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"), client_subject="/CN=modality-gw")
 
 
+def mutual_tls(pki: Path) -> dict[str, object]:
+    """`[http.tls]` with the test CA's server certificate; its clients get `store`."""
+    return {
+        "certificate": pki / "server.crt",
+        "key": pki / "server.key",
+        "ca": pki / "ca.crt",
+        "client_role": "store",
+    }
+
+
 def _client_context(pki: Path, with_certificate: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     if with_certificate:
@@ -104,13 +114,7 @@ def _client_context(pki: Path, with_certificate: bool) -> ssl.SSLContext:
 def test_a_client_certificate_from_the_ca_authenticates_with_the_client_role(
     start_face: StartFace, pki: Path
 ) -> None:
-    tls = {
-        "certificate": pki / "server.crt",
-        "key": pki / "server.key",
-        "ca": pki / "ca.crt",
-        "client_role": "store",
-    }
-    face = start_face(tls=tls)
+    face = start_face(tls=mutual_tls(pki))
     assert face.url.startswith("https://")
     with_cert = stow(face, {}, verify=_client_context(pki, True))
     assert with_cert.status_code == 200
@@ -124,13 +128,7 @@ def test_a_certificate_from_another_ca_is_refused_at_the_handshake(
     start_face: StartFace, pki: Path, tmp_path: Path
 ) -> None:
     other = make_pki(tmp_path / "other")
-    tls = {
-        "certificate": pki / "server.crt",
-        "key": pki / "server.key",
-        "ca": pki / "ca.crt",
-        "client_role": "store",
-    }
-    face = start_face(tls=tls)
+    face = start_face(tls=mutual_tls(pki))
     context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     context.load_cert_chain(str(other / "client.crt"), str(other / "client.key"))
     with pytest.raises(httpx.HTTPError):
