@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from daemon.logsetup import quiet_libraries
+from daemon.logsetup import LineFormatter, quiet_libraries
 from tests.unit.http.conftest import BOUNDARY, STOW_TYPE, Face, StartFace, ct, encode, multipart
 
 LOGGERS = ("daemon", "uvicorn", "python_multipart")
@@ -22,6 +22,12 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
         for r in caplog.records
         if r.levelno >= logging.WARNING and r.name.split(".")[0] in LOGGERS
     ]
+
+
+def rendered(caplog: pytest.LogCaptureFixture) -> str:
+    """Every captured record as the service writes it (message and key=value fields)."""
+    formatter = LineFormatter(journald=False)
+    return "\n".join(formatter.format(r) for r in caplog.records)
 
 
 def still_serving(face: Face) -> None:
@@ -109,7 +115,8 @@ def test_without_a_known_token_the_answer_is_401_and_the_log_never_holds_the_tok
     assert rsp.headers["www-authenticate"].startswith("Bearer")
     lines = warnings(caplog)
     assert len(lines) == 1
-    text = caplog.text
+    text = rendered(caplog)
+    assert "http request refused" in text
     assert "not-a-token-we-know" not in text and "dXNlcjpwYXNz" not in text
     assert_nothing_written(quick)
     still_serving(quick)
@@ -126,7 +133,7 @@ def test_a_token_without_the_store_role_is_403(
     )
     assert rsp.status_code == 403
     assert len(warnings(caplog)) == 1
-    assert quick.tokens[role] not in caplog.text
+    assert quick.tokens[role] not in rendered(caplog)
     assert_nothing_written(quick)
 
 
