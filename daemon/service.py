@@ -154,6 +154,7 @@ class Service:
             extra=kv(
                 ae=self.settings.dicom.ae_title,
                 port=self.receiver.port,
+                http=self.http.port if self.http is not None else "off",
                 workers=self.settings.workers.count,
             ),
         )

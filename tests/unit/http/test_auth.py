@@ -7,9 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 from daemon.config import HttpSettings
-from daemon.http.auth import OPERATE, READ, STORE, Authenticator, token_sha256
+from daemon.http.auth import OPERATE, READ, STORE, Authenticator, HttpRefusal, token_sha256
 from daemon.http.service import warn_if_open
 from tests.pki import make_pki
 from tests.unit.http.conftest import STOW_TYPE, Face, StartFace, ct, encode, multipart
@@ -24,16 +25,23 @@ def stow(face: Face, headers: dict[str, str], **kwargs: object) -> httpx.Respons
     )
 
 
+def caller(authorization: str | None = None) -> Request:
+    headers = [(b"authorization", authorization.encode())] if authorization else []
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+
 def test_roles_grant_what_their_names_say() -> None:
-    tokens = [
-        {"name": role, "sha256": token_sha256(role), "role": role}
-        for role in ("store", "read", "operator")
-    ]
+    roles = ("store", "read", "operator")
+    tokens = [{"name": r, "sha256": token_sha256(f"token-{r}"), "role": r} for r in roles]
     auth = Authenticator(HttpSettings(tokens=tokens))
-    grants = {
-        name: p.permissions for name, p in ((t["name"], auth._tokens[t["sha256"]]) for t in tokens)
-    }
+    grants = {r: auth.identify(caller(f"Bearer token-{r}")).permissions for r in roles}
     assert grants == {"store": {STORE}, "read": {READ}, "operator": {READ, OPERATE}}
+    with pytest.raises(HttpRefusal) as refused:
+        auth.authorize(caller("Bearer token-read"), STORE)
+    assert refused.value.status_code == 403
+    with pytest.raises(HttpRefusal) as refused:
+        auth.identify(caller())
+    assert refused.value.status_code == 401
 
 
 def test_anonymous_clients_store_only_when_configured(start_face: StartFace) -> None:
