@@ -25,9 +25,10 @@ the bytes, parses the identifiers and starts the transaction (both are mostly ou
 GIL: the kernel copies and flushes, OpenSSL hashes); the rename waits for that fsync.
 
 A DICOMweb STOW-RS request arrives as files instead (`Upload`: each part streamed to a
-temporary file by the HTTP layer, hashed on the way): `store_uploads` checks each one as
-C-STORE's instances are checked, quarantines what it refuses, and commits the rest as one
-group, so a request of many instances pays one directory flush and one database flush.
+temporary file by the HTTP layer, hashed on the way): `admit` checks each one as soon as it
+is complete, as C-STORE's instances are checked, and quarantines what it refuses;
+`commit_admitted` commits the rest of the request as one group, so a request of many
+instances pays one directory flush and one database flush (`store_uploads` does both).
 
 All renames into place and row changes happen inside the database transaction that decides
 them (SQLite: BEGIN IMMEDIATE; PostgreSQL: the study row is locked by its upsert), so two
