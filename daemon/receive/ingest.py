@@ -57,7 +57,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -200,6 +200,14 @@ class Refused(Exception):
         # What may go to the log: parser messages can quote element values (patient data),
         # so those stay in the quarantine note only.
         self.log_detail = detail if log_detail is None else log_detail
+
+
+@dataclass
+class _Upserted:
+    """Study and series rows one transaction upserted: the instances of a request share them."""
+
+    studies: dict[str, tuple[int, int]] = field(default_factory=dict)
+    series: dict[tuple[int, str, str | None, str | None], int | None] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -787,7 +795,8 @@ class Ingestor:
                 return
             try:
                 with self.engine.begin() as conn:
-                    results = [self._record(conn, item) for item in pending]
+                    seen = _Upserted()
+                    results = [self._record(conn, item, seen) for item in pending]
                     # The renames must be durable before the rows that name them commit.
                     renamed = (Outcome.STORED, Outcome.REPLACED)
                     self.spool.sync_dirs(
@@ -827,15 +836,23 @@ class Ingestor:
         while len(self._audited) > AUDITED_STUDIES:
             self._audited.popitem(last=False)
 
-    def _record(self, conn: Connection, item: _Pending) -> Outcome | Refused | OSError | None:
+    def _record(
+        self, conn: Connection, item: _Pending, seen: _Upserted
+    ) -> Outcome | Refused | OSError | None:
         """One instance's step in a transaction; None when it must go again after commit.
 
         Returns the outcome, or the refusal or file error that only this instance gets.
+        `seen` holds the study and series rows this transaction upserted already.
         """
         ids, path, sha = item.ids, item.path, item.sha
         now = dt.datetime.now(dt.UTC)
-        study_id, version = self._upsert_study(conn, ids.study_uid, now)
-        series_id = self._upsert_series(conn, study_id, ids)
+        if ids.study_uid not in seen.studies:
+            seen.studies[ids.study_uid] = self._upsert_study(conn, ids.study_uid, now)
+        study_id, version = seen.studies[ids.study_uid]
+        series_key = (study_id, ids.series_uid, ids.modality, ids.body_part)
+        if series_key not in seen.series:
+            seen.series[series_key] = self._upsert_series(conn, study_id, ids)
+        series_id = seen.series[series_key]
         if series_id is None:
             return Refused(
                 status.SERIES_IN_OTHER_STUDY,

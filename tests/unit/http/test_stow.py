@@ -224,3 +224,19 @@ def test_a_generated_study_uid_in_the_path_is_accepted(face: Face) -> None:
     ds = ct(study_uid=generate_uid())
     answer = client(face).store_instances([ds], study_instance_uid=str(ds.StudyInstanceUID))
     assert len(answer.ReferencedSOPSequence) == 1
+
+
+def test_one_series_in_two_studies_of_one_request_is_stored_in_one_of_them(face: Face) -> None:
+    first = ct()
+    other = ct(series_uid=str(first.SeriesInstanceUID))
+    rsp = httpx.post(
+        f"{face.dicomweb}/studies",
+        content=multipart([encode(first), encode(other)]),
+        headers={**face.auth(), "Content-Type": STOW_TYPE},
+    )
+    assert rsp.status_code == 202
+    ((refused, reason),) = failures(rsp.json())
+    assert reason == status.SERIES_IN_OTHER_STUDY
+    (stored,) = stored_uids(rsp.json())
+    assert {refused, stored} == {str(first.SOPInstanceUID), str(other.SOPInstanceUID)}
+    assert [r.sop_instance_uid for r in face.rows()] == [stored]
