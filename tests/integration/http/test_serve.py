@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ from dicomweb_client import DICOMwebClient
 from tests.daemon_proc import Daemon, port_accepts, wait_for
 from tests.integration.http.conftest import http_config, no_models, serving
 from tests.integration.service.helpers import NotifySocket, listening_children
-from tests.unit.http.conftest import study
+from tests.unit.http.conftest import STOW_TYPE, encode, multipart, study
 
 WATCHDOG_USEC = 1_000_000
 
@@ -159,3 +161,36 @@ def big_instance_body(pixel_bytes: int):  # type: ignore[no-untyped-def]
     for _ in range(pixel_bytes // len(chunk)):
         yield chunk
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def test_sigterm_lets_a_stow_request_in_flight_finish_and_store(
+    tmp_path: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    config, tokens = http_config(
+        tmp_path, no_models(tmp_path), workers={"count": 0}, dicom={"drain_seconds": 20}
+    )
+    daemon = make_daemon(config)
+    url = serving(daemon)
+    datasets = study(6)
+    body = multipart([encode(ds) for ds in datasets])
+    half = len(body) // 2
+    signalled = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield body[:half]
+        daemon.signal(signal.SIGTERM)  # shutdown begins with the request half received
+        signalled.set()
+        time.sleep(1.0)
+        yield body[half:]
+
+    rsp = httpx.post(
+        f"{url}/dicomweb/studies",
+        content=slow_body(),
+        headers={"Authorization": f"Bearer {tokens['store']}", "Content-Type": STOW_TYPE},
+        timeout=60,
+    )
+    assert signalled.is_set()
+    assert rsp.status_code == 200, rsp.text
+    assert daemon.proc is not None and daemon.proc.wait(60) == 0
+    assert f"stored={len(datasets)}" in daemon.log()
+    assert not port_accepts(config["http"]["port"])
