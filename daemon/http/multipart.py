@@ -86,6 +86,8 @@ class PartWriter:
         self._uploads: list[Admitted] = []
         self._opened: list[tuple[BinaryIO, Path]] = []
         self._handles: dict[Path, BinaryIO] = {}  # files handed to a writer, for `discard`
+        self._room: int | None = None  # free space over min_free_mb when last measured
+        self._written = 0  # bytes written since
         self._ended = False
         self._parser = MultipartParser(
             boundary,
@@ -165,12 +167,19 @@ class PartWriter:
                     f"part {len(self._uploads) + 1} is {media[:60] or 'untyped'}, not {DICOM}",
                     CLOSE,
                 )
-        if self._ingestor.has_room():
+        if self._has_room():
             try:
                 part.fh, part.path = self._ingestor.spool.open_temp()
             except OSError:
                 return  # answered "out of resources" like a spool without room
             self._opened.append((part.fh, part.path))
+
+    def _has_room(self) -> bool:
+        """Room for another part: the free space measured once, less what this request wrote
+        since; measured again only when that budget runs out."""
+        if self._room is None or self._room - self._written <= 0:
+            self._room, self._written = self._ingestor.room_bytes(), 0
+        return self._room - self._written > 0
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -181,6 +190,7 @@ class PartWriter:
         if len(part.head) < HEAD_BYTES:
             part.head += chunk[: HEAD_BYTES - len(part.head)]
         if part.fh is not None:
+            self._written += len(chunk)
             try:
                 part.fh.write(chunk)
             except OSError:  # the disk filled up: this part is answered "out of resources"

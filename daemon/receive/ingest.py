@@ -516,6 +516,10 @@ class Ingestor:
         """Whether the spool has `min_free_bytes` free (else instances get 0xA700)."""
         return self.spool.has_room(self.min_free_bytes)
 
+    def room_bytes(self) -> int:
+        """Bytes that may still be written before the spool falls under `min_free_bytes`."""
+        return self.spool.free_bytes() - self.min_free_bytes
+
     def finish_upload(self, fh: BinaryIO, tmp: Path) -> concurrent.futures.Future[Path]:
         """Make a streamed temporary file durable on a writer thread (see `Upload.written`)."""
         return self._writers.submit(self.spool.finish_temp, fh, tmp)

@@ -240,3 +240,17 @@ def test_one_series_in_two_studies_of_one_request_is_stored_in_one_of_them(face:
     (stored,) = stored_uids(rsp.json())
     assert {refused, stored} == {str(first.SOPInstanceUID), str(other.SOPInstanceUID)}
     assert [r.sop_instance_uid for r in face.rows()] == [stored]
+
+
+def test_free_space_is_measured_once_per_request_while_it_lasts(start_face: StartFace) -> None:
+    measured: list[Path] = []
+
+    def free(path: Path) -> int:
+        measured.append(path)
+        return 10 * 2**30
+
+    face = start_face(min_free_mb=1, free_bytes=free)
+    measured.clear()
+    client(face).store_instances(study(10))
+    assert len(face.rows()) == 10
+    assert len(measured) == 1
