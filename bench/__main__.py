@@ -1,6 +1,6 @@
 """Run every benchmark and end with one table (also written to bench/results.md).
 
-    python -m bench [--quick] [--only ingest,inference,e2e]
+    python -m bench [--quick] [--only ingest,stow,inference,e2e]
 
 Each benchmark runs as its own subprocess (`python -m bench.<name>`), so a crash of one
 does not lose the others; their `RESULT` lines feed the table.
@@ -18,14 +18,16 @@ from bench.common import loadavg, machine, markdown_table, result_lines, text_ta
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = Path(__file__).resolve().parent / "results.md"
-BENCHES = ("ingest", "inference", "e2e")
+BENCHES = ("ingest", "stow", "inference", "e2e")
 ARGS = {
     "ingest": [],
+    "stow": [],
     "inference": [],
     "e2e": [],
 }
 QUICK_ARGS = {
     "ingest": ["--repeats", "1", "--slices", "50", "--sender-slices", "25", "--no-defaults"],
+    "stow": ["--repeats", "1", "--slices", "52"],
     "inference": ["--slices", "50", "--repeats", "2"],
     "e2e": ["--slices", "50", "--repeats", "2", "--quiet", "5"],
 }
@@ -40,6 +42,8 @@ INGEST_TARGETS = {
     ("four", "orthanc"): 1.5,
     ("four", "storescp"): 0.5,
 }
+# STOW-RS ingest throughput ratios (pacs-ai / Orthanc's DICOMweb plugin), same client.
+STOW_TARGETS = {"one": 1.5, "four": 1.0}
 # What each mode sends (kept in step with ARGS / QUICK_ARGS and the modules' defaults).
 SIZES = {False: {"one": "1 sender, 200 slices", "four": "4 senders x 100 slices",
                  "inference": "inference, 200 slices"},
@@ -152,7 +156,24 @@ def e2e_rows(results: list[dict[str, str]], quick: bool) -> list[list[str]]:
     return rows
 
 
-ROWS = {"ingest": ingest_rows, "inference": inference_rows, "e2e": e2e_rows}
+def stow_rows(results: list[dict[str, str]], quick: bool) -> list[list[str]]:
+    by = {(r.get("clients"), r.get("target")): r for r in results}
+    slices = 52 if quick else 200
+    labels = {"one": f"1 request of {slices}", "four": f"4 clients x {slices // 4}"}
+    rows = []
+    for load, goal in STOW_TARGETS.items():
+        ours, theirs = by.get((load, "pacs-ai")), by.get((load, "orthanc"))
+        if ours is None or theirs is None:
+            continue
+        ratio = _f(theirs.get("pacs_ratio"))
+        rows.append([f"STOW-RS ingest, {labels[load]}", "pacs-ai vs Orthanc DICOMweb",
+                     f"{_f(ours['seconds']):.2f} s ({_f(ours['instances_per_s']):.0f}/s)",
+                     f"{_f(theirs['seconds']):.2f} s ({_f(theirs['instances_per_s']):.0f}/s)",
+                     f"{ratio:.2f} (throughput)", f">= {goal:.2f}", _met(ratio >= goal)])
+    return rows
+
+
+ROWS = {"ingest": ingest_rows, "stow": stow_rows, "inference": inference_rows, "e2e": e2e_rows}
 HEADER = ["Benchmark", "Compared", "pacs-ai", "Reference", "Ratio", "Target", "Met"]
 
 

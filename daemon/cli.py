@@ -167,12 +167,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from daemon.dispatch.scu import echo
+    from daemon.dispatch.destinations import address, echo
 
     settings = _settings(args)
     dest = settings.destination(args.name)
     outcome = echo(dest, settings.dicom.ae_title)
-    print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {outcome}")
+    print(f"{dest.name} ({address(dest)}): {outcome}")
     return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 
@@ -214,6 +214,28 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     from models.commands import import_command
 
     return import_command(args.file, args.out, args.name, args.version, args.format)
+def cmd_http_token(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from daemon.config import HttpToken
+    from daemon.http.auth import new_token
+
+    token, digest = new_token()
+    try:
+        entry = HttpToken(name=args.name, sha256=digest, role=args.role)
+    except ValidationError as exc:
+        raise ConfigError(f"http.tokens.name: {exc.errors()[0]['msg']}") from exc
+    # The token on stderr, the entry on stdout: `>> pacs-ai.toml` never stores the token.
+    print(
+        f"token for {entry.name} (shown once; give it to the client, the configuration "
+        f"keeps only its sha256):\n{token}",
+        file=sys.stderr,
+    )
+    print("[[http.tokens]]")
+    print(f'name = "{entry.name}"')
+    print(f'sha256 = "{entry.sha256}"')
+    print(f'role = "{entry.role}"')
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "status", cmd_status, "queue, spool and destinations at a glance")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-echo", action="store_true", help="skip the C-ECHO of destinations")
-    p = leaf(sub, "echo", cmd_echo, "C-ECHO a configured destination")
+    p = leaf(sub, "echo", cmd_echo, "C-ECHO a destination (QIDO-RS probe for DICOMweb)")
     p.add_argument("name")
 
     jobs = sub.add_parser("jobs", help="inspect and steer jobs").add_subparsers(
@@ -285,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", required=True, metavar="ACTION"
     )
     leaf(db, "upgrade", cmd_db_upgrade, "apply database migrations")
+
+    http = sub.add_parser("http", help="the HTTP server").add_subparsers(
+        dest="http_command", required=True, metavar="ACTION"
+    )
+    p = leaf(http, "token", cmd_http_token, "make a bearer token and its [[http.tokens]] entry")
+    p.add_argument("name", help="who uses it (1-16 of A-Z a-z 0-9 _ . -)")
+    p.add_argument("--role", choices=["store", "read", "operator"], required=True)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION"

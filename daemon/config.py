@@ -14,10 +14,14 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -171,8 +175,14 @@ class ReportSettings(_Section):
     heatmap_top_k: int = Field(default=3, ge=0, le=100)
 
 
+DestinationName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
 class Destination(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """A DIMSE peer: reports go by C-STORE (the default kind)."""
+
+    kind: Literal["dimse"] = "dimse"
+    name: DestinationName
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
@@ -184,16 +194,122 @@ class Source(_Section):
     """A modality that sends us studies: accepted as a caller, and where Storage Commitment
     reports go when it does not wait for them on its own association."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: DestinationName
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
     tls: TLSSettings | None = None
 
 
+class HttpClientTLS(_Section):
+    """A client certificate (mutual TLS) and/or the CA bundle that checks the server."""
+
+    certificate: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> HttpClientTLS:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("certificate and key go together")
+        return self
+
+
+def _check_http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value) < len("http://x"):
+        raise ValueError("must be an http:// or https:// URL (the archive's DICOMweb root)")
+    return value.rstrip("/")
+
+
+class DicomWebDestination(_Section):
+    """A DICOMweb archive: reports go by STOW-RS, confirmed by QIDO-RS when asked."""
+
+    kind: Literal["dicomweb"]
+    name: DestinationName
+    url: Annotated[str, AfterValidator(_check_http_url)]
+    # Sent as `Authorization: Bearer`; printed as ********** by `config check`.
+    token: SecretStr | None = None
+    verify: Literal["none", "qido"] = "none"
+    tls: HttpClientTLS | None = None
+
+
+def _destination_kind(value: Any) -> str:
+    """Which destination class a table is: its `kind`, DIMSE when unset."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "dimse"))
+    return str(getattr(value, "kind", "dimse"))
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_kind",
+        custom_error_message="kind must be 'dimse' or 'dicomweb'",
+    ),
+]
+
+
 class MetricsSettings(_Section):
     bind: str = "127.0.0.1"
     port: Annotated[int, AfterValidator(_check_metrics_port)] = 9110
+
+
+HttpRole = Literal["store", "read", "operator"]
+
+
+class HttpToken(_Section):
+    """A bearer token, known by its sha256 only (`pacs-ai http token` makes one)."""
+
+    name: str = Field(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$"), AfterValidator(str.lower)]
+    role: HttpRole
+
+
+class HttpTLSSettings(_Section):
+    """HTTPS for the HTTP server; with `ca`, client certificates it signed authenticate."""
+
+    certificate: Path
+    key: Path
+    ca: Path | None = None
+    # The role of a client that presents a certificate signed by `ca` (mutual TLS).
+    client_role: HttpRole | None = None
+
+    @model_validator(mode="after")
+    def _client_role_needs_ca(self) -> HttpTLSSettings:
+        if self.client_role is not None and self.ca is None:
+            raise ValueError("client_role needs ca (the CA that signs client certificates)")
+        return self
+
+
+class HttpSettings(_Section):
+    """The HTTP server of `serve`: DICOMweb, /metrics and health (port 0: off)."""
+
+    bind: str = "0.0.0.0"
+    port: Annotated[int, AfterValidator(_check_metrics_port)] = 0
+    tls: HttpTLSSettings | None = None
+    max_body_mb: int = Field(default=4096, ge=1)
+    # The request line and headers must arrive within this many seconds.
+    header_timeout: float = Field(default=10.0, gt=0)
+    # The body may pause at most this long, and must keep up `body_min_rate_kb` KiB/s
+    # after this many seconds (a client sending one byte a second is cut off).
+    body_timeout: float = Field(default=30.0, gt=0)
+    body_min_rate_kb: float = Field(default=64.0, ge=0)
+    keepalive_timeout: float = Field(default=5.0, gt=0)
+    # Roles any client gets without credentials (warned at start); operator never.
+    anonymous: list[Literal["store", "read"]] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    tokens: list[HttpToken] = Field(default_factory=list)
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_tokens(cls, tokens: list[HttpToken]) -> list[HttpToken]:
+        for field in ("name", "sha256"):
+            values = [getattr(t, field) for t in tokens]
+            for value in values:
+                if values.count(value) > 1:
+                    raise ValueError(f"token {field} {value[:16]!r} is used twice")
+        return tokens
 
 
 class _MappingEnvSource(EnvSettingsSource):
@@ -226,13 +342,16 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @field_validator("destinations")
     @classmethod
-    def _unique_destination_names(cls, destinations: list[Destination]) -> list[Destination]:
+    def _unique_destination_names(
+        cls, destinations: list[Destination | DicomWebDestination]
+    ) -> list[Destination | DicomWebDestination]:
         names = [d.name for d in destinations]
         for name in names:
             if names.count(name) > 1:
@@ -264,7 +383,7 @@ class Settings(BaseSettings):
             env_settings = _MappingEnvSource(settings_cls, environ)
         return (env_settings, init_settings)
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> Destination | DicomWebDestination:
         """The destination called `name`, or ConfigError naming the known ones."""
         for dest in self.destinations:
             if dest.name == name:
@@ -286,9 +405,16 @@ class Settings(BaseSettings):
         return list(dict.fromkeys([*callers, *(s.ae_title for s in self.sources)]))
 
 
+# Tags pydantic adds to an error's location inside a destination (which kind it tried).
+_DESTINATION_TAGS = ("dimse", "dicomweb")
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "config"
+    parts = list(first["loc"])
+    if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in _DESTINATION_TAGS:
+        del parts[2]
+    loc = ".".join(str(part) for part in parts) or "config"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -335,8 +461,12 @@ def dump_settings(settings: Settings) -> str:
                 lines.append(f"\n[[{section}]]")
                 lines.extend(_toml_pairs(dest))
         elif isinstance(value, dict):
+            tables = value.pop("tokens", []) if section == "http" else []
             lines.append(f"\n[{section}]")
             lines.extend(_toml_pairs(value))
+            for table in tables:
+                lines.append(f"\n[[{section}.tokens]]")
+                lines.extend(_toml_pairs(table))
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,19 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
     handler.setFormatter(LineFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    quiet_libraries(level)
+
+
+def quiet_libraries(level: str = "info") -> None:
+    """Keep the libraries' chatter (and their patient data) out of the log unless debugging."""
     # pynetdicom logs identifiers (patient names) at INFO; keep it at WARNING unless debugging.
     noisy = logging.DEBUG if level == "debug" else logging.WARNING
     for name in ("pynetdicom", "apscheduler", "alembic", "tensorflow", "absl", "h5py", "highdicom"):
         logging.getLogger(name).setLevel(noisy)
+    # uvicorn's start/stop chatter repeats our own lines; python-multipart warns about a
+    # broken body the HTTP layer already refuses in one line of its own.
+    logging.getLogger("uvicorn").setLevel(noisy)
+    logging.getLogger("httpx").setLevel(noisy)  # a line per request of the DICOMweb dispatch
+    logging.getLogger("python_multipart").setLevel(
+        logging.DEBUG if level == "debug" else logging.ERROR
+    )

@@ -78,6 +78,12 @@ class Metrics:
             ["destination"],
             registry=reg,
         )
+        self.http_requests = Counter(
+            "pacsai_http_requests",
+            "HTTP requests answered, by first path segment and status",
+            ["route", "status"],
+            registry=reg,
+        )
         self.dispatch_failures = Counter(
             "pacsai_dispatch_failures",
             "Report sends that failed, by destination",
@@ -118,9 +124,9 @@ class QueueCollector:
         )
 
 
-def serve_metrics(bind: str, port: int, collector: QueueCollector, local: Metrics) -> Any:
-    """Start the /metrics HTTP server over every process's counters plus `collector`."""
-    from prometheus_client import CollectorRegistry, start_http_server
+def metrics_registry(collector: QueueCollector, local: Metrics) -> Any:
+    """Every process's counters plus `collector`: what a /metrics page exposes."""
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
@@ -129,5 +135,12 @@ def serve_metrics(bind: str, port: int, collector: QueueCollector, local: Metric
     else:
         registry = local.registry
     registry.register(collector)
+    return registry
+
+
+def serve_metrics(bind: str, port: int, registry: Any) -> Any:
+    """Start the `[metrics]` /metrics HTTP server over `registry`."""
+    from prometheus_client import start_http_server
+
     server, _thread = start_http_server(port, addr=bind, registry=registry)
     return server

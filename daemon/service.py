@@ -19,12 +19,14 @@ from daemon.config import Settings
 from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
 from daemon.db.schema import Job, JobState
+from daemon.http import HttpService, HttpStartError
 from daemon.logsetup import kv
 from daemon.metrics import (
     Metrics,
     QueueCollector,
     cleanup_multiprocess,
     enable_multiprocess,
+    metrics_registry,
     serve_metrics,
 )
 from daemon.receive import Receiver, warn_if_open
@@ -101,6 +103,20 @@ class Service:
             settings, self.engine, on_stored=self.assembler.arrived, metrics=self.metrics
         )
         self._scheduler_tick = time.monotonic()
+        self._serving = threading.Event()
+        self.http = (
+            HttpService(
+                settings,
+                self.engine,
+                self.spool,
+                self.assembler.arrived,
+                health=self.health,
+                ready=self._serving.is_set,
+                metrics=self.metrics,
+            )
+            if settings.http.port
+            else None
+        )
 
     def start(self) -> None:
         """Bring every part up; READY=1 only once all of them are."""
@@ -126,21 +142,27 @@ class Service:
                 "(the worker's log line names the file and field)"
             )
         self.receiver.start()
-        self._start_metrics()
+        registry = self._start_metrics()
+        if self.http is not None:
+            try:
+                self.http.start(registry)
+            except HttpStartError as exc:
+                raise StartupError(str(exc)) from exc
         self._echo_destinations()
         log.info(
             "serving",
             extra=kv(
                 ae=self.settings.dicom.ae_title,
                 port=self.receiver.port,
+                http=self.http.port if self.http is not None else "off",
                 workers=self.settings.workers.count,
             ),
         )
+        self._serving.set()
         self.notifier.ready(self.status_line())
 
-    def _start_metrics(self) -> None:
-        if not self.settings.metrics.port:
-            return
+    def _start_metrics(self) -> object:
+        """The registry /metrics exposes; served on `[metrics]` too unless its port is 0."""
 
         def counts() -> dict[str, dict[str, int]]:
             with self.engine.connect() as conn:
@@ -150,11 +172,13 @@ class Service:
             with self.engine.connect() as conn:
                 return queue.oldest_queued_age(conn)
 
-        collector = QueueCollector(counts, oldest, self.spool.free_bytes)
-        serve_metrics(
-            self.settings.metrics.bind, self.settings.metrics.port, collector, self.metrics
+        registry = metrics_registry(
+            QueueCollector(counts, oldest, self.spool.free_bytes), self.metrics
         )
-        log.info("metrics served", extra=kv(port=self.settings.metrics.port))
+        if self.settings.metrics.port:
+            serve_metrics(self.settings.metrics.bind, self.settings.metrics.port, registry)
+            log.info("metrics served", extra=kv(port=self.settings.metrics.port))
+        return registry
 
     def _reap(self) -> None:
         reaped = queue.reap_expired(self.engine)
@@ -165,7 +189,7 @@ class Service:
         self._scheduler_tick = time.monotonic()
 
     def _echo_destinations(self) -> None:
-        from daemon.dispatch.scu import echo
+        from daemon.dispatch.destinations import echo
 
         for dest in self.settings.destinations:
             outcome = echo(dest, self.settings.dicom.ae_title)
@@ -173,7 +197,7 @@ class Service:
                 log.info("destination answers", extra=kv(destination=dest.name, echo=str(outcome)))
             else:
                 log.warning(
-                    "destination does not answer C-ECHO; reports will wait and retry",
+                    "destination does not answer; reports will wait and retry",
                     extra=kv(destination=dest.name, echo=str(outcome)),
                 )
 
@@ -182,6 +206,8 @@ class Service:
         faults = []
         if not self.receiver.alive():
             faults.append("receiver not running")
+        if self.http is not None and not self.http.alive():
+            faults.append("http server not running")
         if not self.scheduler.running or time.monotonic() - self._scheduler_tick > 10:
             faults.append("scheduler stalled")
         try:
@@ -220,6 +246,7 @@ class Service:
     def stop(self, signals: _Signals) -> None:
         """Drain: refuse new associations, finish in-flight ones and jobs, then exit."""
         drain = 0.0 if signals.at_once.is_set() else self.settings.dicom.drain_seconds
+        self._serving.clear()
         self.notifier.stopping()
         log.info("stopping", extra=kv(drain_seconds=drain))
         self.receiver.stop_accepting()
@@ -228,6 +255,8 @@ class Service:
         while stopper.is_alive():
             if signals.at_once.wait(0.2):
                 log.warning("second signal: stopping at once")
+                if self.http is not None:
+                    self.http.stop(0.0)
                 self.receiver.stop(0.0)
                 self.pool.stop(0.0, at_once=True)
                 break
@@ -237,7 +266,10 @@ class Service:
         log.info("stopped")
 
     def _stop_parts(self, drain: float, signals: _Signals) -> None:
-        self.receiver.stop(drain)
+        started = time.monotonic()
+        if self.http is not None:
+            self.http.stop(drain)
+        self.receiver.stop(max(0.0, drain - (time.monotonic() - started)))
         self.pool.stop(0.0 if signals.at_once.is_set() else drain)
 
 

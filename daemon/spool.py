@@ -29,6 +29,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = "quarantine"
@@ -188,11 +189,24 @@ class Spool:
 
     def write_temp_file(self, data: bytes) -> Path:
         """Write `data` to a durable temporary file; a caller that hashes on its own uses this."""
-        fd, name = _mkstemp(self.tmp_dir)
-        tmp = Path(name)
+        fh, tmp = self.open_temp()
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            fh.write(data)
+        except BaseException:
+            fh.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return self.finish_temp(fh, tmp)
+
+    def open_temp(self) -> tuple[BinaryIO, Path]:
+        """A new temporary file to stream into; `finish_temp` makes it durable."""
+        fd, name = _mkstemp(self.tmp_dir)
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def finish_temp(self, fh: BinaryIO, tmp: Path) -> Path:
+        """Flush, fsync and close a file from `open_temp`; on failure remove it and raise."""
+        try:
+            with fh:
                 fh.flush()
                 os.fsync(fh.fileno())
         except BaseException:
@@ -256,20 +270,31 @@ class Spool:
 
         Returns the path of the data file.
         """
+        tmp, size, digest = self.write_temp(data)
+        try:
+            return self.quarantine_file(tmp, reason, details, size, digest)
+        finally:
+            self.discard_temp(tmp)
+
+    def quarantine_file(
+        self, path: Path, reason: str, details: str, size: int, digest: str
+    ) -> Path:
+        """Keep a file in the spool (refused input already on disk) as `quarantine` does.
+
+        The file gets a second name in the quarantine; the caller still owns `path`.
+        """
         self.make_dirs(self.quarantine_dir)
         slug = _REASON_RE.sub("-", reason.lower()).strip("-")[:40] or "unknown"
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        tmp, size, digest = self.write_temp(data)
         n = 0
         while True:
             target = self.quarantine_dir / f"{stamp}-{slug}-{n}.dcm"
             try:
                 # link, not rename: never replace another quarantined file of the same name
-                os.link(tmp, target)
+                os.link(path, target)
                 break
             except FileExistsError:
                 n += 1
-        self.discard_temp(tmp)
         note = f"reason: {reason}\nsize: {size}\nsha256: {digest}\n{details.rstrip()}\n"
         self.write_atomic(target.with_suffix(".txt"), note.encode())
         return target

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select, update
 
 from daemon import __version__
-from daemon.config import Settings
+from daemon.config import DicomWebDestination, Settings
 from daemon.db import audit, migrate, queue
 from daemon.db.deliveries import VERIFY_NONE
 from daemon.db.engine import make_engine
@@ -130,17 +130,17 @@ def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
 
 
 def _destinations(settings: Settings, echo: bool) -> list[dict[str, Any]]:
+    from daemon.dispatch.destinations import echo as probe
+
     out = []
     for dest in settings.destinations:
-        entry: dict[str, Any] = {
-            "name": dest.name,
-            "ae_title": dest.ae_title,
-            "address": f"{dest.host}:{dest.port}",
-        }
+        entry: dict[str, Any] = {"name": dest.name, "kind": dest.kind}
+        if isinstance(dest, DicomWebDestination):
+            entry["address"] = dest.url
+        else:
+            entry.update(ae_title=dest.ae_title, address=f"{dest.host}:{dest.port}")
         if echo:
-            from daemon.dispatch.scu import echo as c_echo
-
-            outcome = c_echo(dest, settings.dicom.ae_title)
+            outcome = probe(dest, settings.dicom.ae_title)
             entry["echo"] = str(outcome)
             entry["echo_ok"] = outcome.ok
         out.append(entry)
@@ -194,7 +194,8 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"  spool {report['spool_dir']}: {_human_bytes(report['spool_free_bytes'])} free")
     for dest in report["destinations"]:
         lines.append(
-            f"  destination {dest['name']} {dest['ae_title']}@{dest['address']}: "
+            f"  destination {dest['name']} "
+            f"{dest['ae_title'] + '@' if dest.get('ae_title') else ''}{dest['address']}: "
             f"{dest.get('echo', 'not checked')}"
         )
     return "\n".join(lines)

@@ -40,6 +40,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+# Debian's orthanc-dicomweb package.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 # Full path: pynetdicom installs a `storescp` of its own into the venv.
 STORESCP_BIN = "/usr/bin/storescp"
 LOOPBACK = "127.0.0.1"
@@ -79,6 +82,13 @@ def _require(program: str, what: str) -> None:
 def require_orthanc() -> None:
     """Skip (or, with $CI set, fail) the current test when Orthanc is not installed."""
     _require(ORTHANC_BIN, "Orthanc")
+
+
+def require_orthanc_dicomweb() -> None:
+    """Skip (or, with $CI set, fail) the current test without Orthanc's DICOMweb plugin."""
+    _require(ORTHANC_BIN, "Orthanc")
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        _require(DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (orthanc-dicomweb)")
 
 
 def require_dcmtk() -> None:
@@ -216,6 +226,11 @@ class Orthanc(_Peer):
         Where storage, index, config and log live; a fresh temporary directory by default.
     dicom_port, http_port:
         Fixed ports (e.g. those of an earlier instance this one replaces); free ones by default.
+    dicomweb:
+        Load Debian's DICOMweb plugin (served under `dicomweb_url`).
+    dicomweb_servers:
+        DICOMweb servers Orthanc may send to (`/dicom-web/servers/{name}/stow`), by name:
+        the plugin's `Servers` entries (``{"Url": ..., "HttpHeaders": {...}}``).
     """
 
     def __init__(
@@ -228,6 +243,8 @@ class Orthanc(_Peer):
         workdir: Path | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        dicomweb: bool = False,
+        dicomweb_servers: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(workdir)
         self.aet = aet
@@ -235,9 +252,15 @@ class Orthanc(_Peer):
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.config_path = self.workdir / "orthanc.json"
-        self.config_path.write_text(
-            json.dumps(self._config(list(modalities), allow_unknown, check_called_aet), indent=2)
-        )
+        config = self._config(list(modalities), allow_unknown, check_called_aet)
+        if dicomweb or dicomweb_servers:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "Servers": dict(dicomweb_servers or {}),
+            }
+        self.config_path.write_text(json.dumps(config, indent=2))
 
     def _config(
         self, modalities: list[Modality], allow_unknown: bool, check_called_aet: bool
@@ -278,6 +301,11 @@ class Orthanc(_Peer):
     def url(self) -> str:
         """Base URL of the REST API."""
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (with the plugin loaded), without a trailing slash."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
 
     def start(self) -> None:
         """Start Orthanc (again, on the same storage and ports) and wait for REST and DICOM."""
@@ -392,7 +420,29 @@ class StoreSCP(_Peer):
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
 
 
-class RecordingSCP:
+class _InProcess:
+    """A peer started and stopped in this process: `with Peer(...) as peer:`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RecordingSCP(_InProcess):
     """An in-process pynetdicom SCP that accepts only `sop_classes` and answers `status`.
 
     For tests that need a peer with a narrow capability (e.g. Enhanced SR but not
@@ -455,10 +505,85 @@ class RecordingSCP:
         self.start()
         return self
 
-    def __exit__(
+
+class RecordingStow(_InProcess):
+    """An in-process DICOMweb origin server whose answers a test sets (uvicorn, loopback).
+
+    `answer(content_type, parts)` returns (HTTP status, DICOM JSON body or None) for each
+    STOW-RS POST; `qido` gives (status, body) for each QIDO-RS GET. `requests` lists
+    (method, path, query, Authorization header, parts) of every request.
+    """
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        answer: Any = None,
+        qido: tuple[int, Any] = (200, []),
     ) -> None:
-        self.stop()
+        self.answer = answer or (lambda _ctype, _parts: (200, {}))
+        self.qido = qido
+        self.requests: list[tuple[str, str, str, str | None, list[bytes]]] = []
+        self.port = 0
+        self._server: Any = None
+        self._thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/dicomweb"
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        parts: list[bytes] = []
+        ctype = headers.get("content-type", "")
+        boundary = parse_options_header(ctype)[1].get(b"boundary")
+        if boundary:
+            for chunk in body.split(b"--" + boundary)[1:-1]:
+                parts.append(chunk.split(b"\r\n\r\n", 1)[1][:-2])
+        self.requests.append(
+            (
+                scope["method"],
+                scope["path"],
+                scope["query_string"].decode(),
+                headers.get("authorization"),
+                parts,
+            )  # fmt: skip
+        )
+        status, answer = self.qido if scope["method"] == "GET" else self.answer(ctype, parts)
+        content = b"" if answer is None else json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/dicom+json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": content})
+
+    def start(self) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(self._app, host=LOOPBACK, port=self.port, log_config=None,
+                                access_log=False, lifespan="off", interface="asgi3")  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+            self._server = None
+
+    def __enter__(self) -> RecordingStow:
+        self.start()
+        return self

@@ -24,6 +24,7 @@ from daemon.dicom.commitment import CommitmentReport
 VERIFY_NONE = "none"
 VERIFY_FIND = "find"
 VERIFY_COMMITMENT = "commitment"
+VERIFY_QIDO = "qido"
 
 
 def mark_confirmed(conn: Connection, dispatch_id: int, send_attempt: int, detail: str) -> bool:

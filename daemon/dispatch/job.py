@@ -12,13 +12,14 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, select, update
 
-from daemon.config import ConfigError, Destination, Settings
+from daemon.config import ConfigError, Settings
 from daemon.db import audit, queue
 from daemon.db.keys import DISPATCH
 from daemon.db.queue import ClaimedJob
 from daemon.db.schema import Dispatch, DispatchState, Report, Study, utcnow
 from daemon.dicom.network import AssociationOptions
-from daemon.dispatch.scu import SendOutcome, send_file
+from daemon.dispatch.destinations import AnyDestination, send
+from daemon.dispatch.scu import SendOutcome
 from daemon.dispatch.verify import enqueue_verify, new_transaction_uid
 from daemon.logsetup import kv
 
@@ -90,10 +91,10 @@ def run_dispatch(engine: Engine, job: ClaimedJob, settings: Settings) -> None:
         _record_failure(engine, dispatch_id, str(exc))
         raise DispatchFailed(str(exc), retryable=False) from exc
 
-    outcome = send_file(
+    outcome = send(
+        destination,
         _report_path(row.path, settings),
         _report_path(row.fallback_path, settings) if row.fallback_path else None,
-        destination,
         settings.dicom.ae_title,
         AssociationOptions.from_settings(settings.dicom),
     )
@@ -119,7 +120,7 @@ def _record_success(
     job: ClaimedJob,
     dispatch_id: int,
     outcome: SendOutcome,
-    destination: Destination,
+    destination: AnyDestination,
 ) -> None:
     """Mark the row sent, queue its verify job (unless verify is none), complete: one commit.
 

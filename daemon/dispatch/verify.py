@@ -10,6 +10,8 @@ Per destination (``verify`` in ``[[destinations]]``):
   type 2 puts it back to `pending` with one more `dispatch` job (daemon.db.deliveries).
 - ``find``: a Study Root C-FIND at IMAGE level for the report's Study and SOP Instance
   UIDs; a match confirms the row.
+- ``qido`` (DICOMweb destinations): QIDO-RS at instance level for the same UIDs
+  (daemon.dispatch.dicomweb); a match confirms the row.
 
 A verify attempt that does not confirm (no report yet, not found, peer unreachable)
 raises `VerifyPending`; the worker retries it with the retry policy's backoff. After
@@ -38,12 +40,13 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import Connection, Engine, select, update
 
-from daemon.config import ConfigError, Destination, Settings
+from daemon.config import ConfigError, Destination, DicomWebDestination, Settings
 from daemon.db import queue
 from daemon.db.deliveries import (
     VERIFY_COMMITMENT,
     VERIFY_FIND,
     VERIFY_NONE,
+    VERIFY_QIDO,
     apply_commitment_report,
     mark_confirmed,
     resend,
@@ -61,6 +64,7 @@ from daemon.dicom.commitment import (
 )
 from daemon.dicom.network import UNCOMPRESSED, AssociationOptions, client_tls_args
 from daemon.dicom.status import FIND_PENDING, SUCCESS, status_meaning
+from daemon.dispatch import dicomweb
 from daemon.dispatch.scu import NO_CONTEXT, AssociationWatcher, make_ae
 from daemon.logsetup import kv
 
@@ -86,6 +90,14 @@ UNREACHABLE = "unreachable"  # no association
 UNSUPPORTED = "unsupported"  # the destination refuses the verify service: a configuration error
 
 PAYLOAD_FIELDS = ("dispatch_id", "send_attempt", "sop_class_uid", "sop_instance_uid")
+# A QIDO-RS look-up's finding as a verify outcome kind.
+QIDO_KINDS = {
+    dicomweb.FOUND: CONFIRMED,
+    dicomweb.ABSENT: NOT_FOUND,
+    dicomweb.QUERY_FAILED: QUERY_FAILED,
+    dicomweb.UNREACHABLE: UNREACHABLE,
+    dicomweb.UNSUPPORTED: UNSUPPORTED,
+}
 
 
 class VerifyPending(Exception):
@@ -134,7 +146,7 @@ def enqueue_verify(
     conn: Connection,
     dispatch_id: int,
     send_attempt: int,
-    destination: Destination,
+    destination: Destination | DicomWebDestination,
     sop_class_uid: str,
     sop_instance_uid: str,
 ) -> int | None:
@@ -156,7 +168,7 @@ def enqueue_verify(
     )
 
 
-def new_transaction_uid(destination: Destination) -> str | None:
+def new_transaction_uid(destination: Destination | DicomWebDestination) -> str | None:
     """A fresh Transaction UID for each send to a commitment destination, else None."""
     return generate_uid(prefix=None) if destination.verify == VERIFY_COMMITMENT else None
 
@@ -389,7 +401,14 @@ def run_verify(
     instance = SentInstance(row.study_uid, payload.sop_class_uid, payload.sop_instance_uid)
     options = AssociationOptions.from_settings(settings.dicom)
     calling_ae = settings.dicom.ae_title
-    if destination.verify == VERIFY_COMMITMENT:
+    if isinstance(destination, DicomWebDestination) and destination.verify == VERIFY_QIDO:
+        kind, detail = dicomweb.find_instance(
+            destination, instance.study_uid, instance.sop_instance_uid, options
+        )
+        outcome = VerifyOutcome(QIDO_KINDS[kind], detail)
+    elif isinstance(destination, DicomWebDestination):
+        outcome = None
+    elif destination.verify == VERIFY_COMMITMENT:
         if not row.transaction_uid:
             raise VerifyFailed(
                 f"dispatch {payload.dispatch_id} has no transaction UID", retryable=False
@@ -405,6 +424,8 @@ def run_verify(
     elif destination.verify == VERIFY_FIND:
         outcome = find_instance(destination, calling_ae, instance, options=options)
     else:
+        outcome = None
+    if outcome is None:
         log.info("verify is off", extra=kv(dispatch=payload.dispatch_id, to=destination.name))
         _complete(engine, job)
         return
@@ -419,8 +440,9 @@ def run_verify(
         ),
     )
     if outcome.kind == UNSUPPORTED:
+        others = "'none'" if isinstance(destination, DicomWebDestination) else "'find' or 'none'"
         raise VerifyFailed(
-            f"{destination.name}: {outcome.detail}; set verify = 'find' or 'none'",
+            f"{destination.name}: {outcome.detail}; set verify = {others}",
             retryable=False,
         )
     settle(engine, job, payload.dispatch_id, payload.send_attempt, outcome, settings)

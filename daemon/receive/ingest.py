@@ -24,6 +24,12 @@ The temporary file is written and fsync'd by a writer thread while the calling t
 the bytes, parses the identifiers and starts the transaction (both are mostly outside the
 GIL: the kernel copies and flushes, OpenSSL hashes); the rename waits for that fsync.
 
+A DICOMweb STOW-RS request arrives as files instead (`Upload`: each part streamed to a
+temporary file by the HTTP layer, hashed on the way): `admit` checks each one as soon as it
+is complete, as C-STORE's instances are checked, and quarantines what it refuses;
+`commit_admitted` commits the rest of the request as one group, so a request of many
+instances pays one directory flush and one database flush (`store_uploads` does both).
+
 All renames into place and row changes happen inside the database transaction that decides
 them (SQLite: BEGIN IMMEDIATE; PostgreSQL: the study row is locked by its upsert), so two
 senders of the same SOP Instance UID cannot interleave. Instances arriving on concurrent
@@ -50,10 +56,10 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -123,6 +129,7 @@ class Identifiers:
     sop_class_uid: str
     modality: str | None
     body_part: str | None
+    transfer_syntax_uid: str | None = None  # from the file meta, when there is one
 
     def instance_uids(self) -> tuple[tuple[str, str], ...]:
         """(attribute, UID) of the UIDs that name what is kept: study, series, instance."""
@@ -166,6 +173,49 @@ class Request:
     peer: str
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One instance of a multi-instance request (a STOW-RS part), streamed to a temporary file.
+
+    `written` completes once the temporary file at `path` is durable (its OSError if that
+    failed); None when the spool lacked room, in which case nothing was written and only the
+    first bytes, `head`, were kept to name the instance in the answer.
+    """
+
+    path: Path | None
+    written: concurrent.futures.Future[Path] | None
+    size: int
+    sha256: str
+    head: bytes
+    calling_ae: str
+    peer: str
+    label: str = ""  # where it came from, for the quarantine note (e.g. "STOW-RS part 3")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An upload `Ingestor.admit` checked: refused (`answer` is final) or awaiting its commit."""
+
+    answer: Answer | None
+    upload: Upload
+    item: _Pending | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What became of one `Upload`: a C-STORE status code, and the instance when it was read."""
+
+    status: int
+    reason: str | None
+    ids: Identifiers | None
+    outcome: Outcome | None = None
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == status.SUCCESS
+
+
 class Refused(Exception):
     """The instance is answered with `code` and quarantined for `reason`."""
 
@@ -179,12 +229,21 @@ class Refused(Exception):
         self.log_detail = detail if log_detail is None else log_detail
 
 
+@dataclass
+class _Upserted:
+    """Study and series rows one transaction upserted: the instances of a request share them."""
+
+    studies: dict[str, tuple[int, int]] = field(default_factory=dict)
+    series: dict[tuple[int, str, str | None, str | None], int | None] = field(default_factory=dict)
+
+
 @dataclass(eq=False)
 class _Pending:
     """An instance whose temporary file is being written or durable, waiting for its commit."""
 
-    req: Request
     ids: Identifiers
+    transfer_syntax_uid: str
+    calling_ae: str
     path: Path
     written: concurrent.futures.Future[Path]
     size: int
@@ -223,24 +282,71 @@ def _text(ds: Dataset, tag: int) -> str | None:
     return text.strip().rstrip("\x00").strip() or None
 
 
-def _read(data: bytes) -> Dataset:
-    """The dataset, pixel data left unread; EOFError when the stream is cut short."""
-    stream = io.BytesIO(data)
+def _read(stream: BinaryIO, size: int, *, whole: bool = True) -> Dataset:
+    """The dataset, pixel data left unread; EOFError when the stream is cut short.
+
+    With `whole` False the stream is only the start of an instance: its end is not checked.
+    """
     ds = dcmread(stream, force=True, defer_size=DEFER_BYTES)
+    if not whole:
+        return ds
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         # Inflated into a buffer of pydicom's own, where a deferred value's end is not ours
         # to check: read it whole.
-        ds = dcmread(io.BytesIO(data), force=True)
-    elif stream.tell() > len(data):
-        raise EOFError(f"stream ends {stream.tell() - len(data)} bytes before its last value")
+        stream.seek(0)
+        ds = dcmread(stream, force=True)
+    elif stream.tell() > size:
+        raise EOFError(f"stream ends {stream.tell() - size} bytes before its last value")
     _check_complete(ds)
     return ds
 
 
 def read_identifiers(data: bytes) -> Identifiers:
     """The UIDs (and a little series metadata) of an encoded Part 10 stream, or Refused."""
+    return _identifiers(io.BytesIO(data), len(data))
+
+
+def read_file_identifiers(path: Path) -> Identifiers:
+    """`read_identifiers` for a Part 10 file, reading its header only (pixel data skipped)."""
+    with path.open("rb") as fh:
+        return _identifiers(fh, os.fstat(fh.fileno()).st_size)
+
+
+def _identifiers_in_head(head: bytes, size: int) -> Identifiers | None:
+    """The identifiers when the first bytes of a `size`-byte file settle them, else None.
+
+    They settle them when the header parses to the file's exact end (its pixel data skipped
+    by length): then the file cannot be truncated either. Anything else, including a header
+    longer than `head`, is left to `read_file_identifiers`.
+    """
+    stream = io.BytesIO(head)
     try:
-        ds = _read(data)
+        ds = dcmread(stream, force=True, defer_size=DEFER_BYTES)
+        if (
+            stream.tell() != size
+            or ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        ):
+            return None
+        _check_complete(ds)
+        return _identifiers(stream, size, dataset=ds)
+    except (*PARSE_ERRORS, Refused):
+        return None
+
+
+def head_identifiers(head: bytes) -> Identifiers | None:
+    """The identifiers in the first bytes of an instance, when they are there (else None)."""
+    try:
+        return _identifiers(io.BytesIO(head), len(head), whole=False)
+    except Refused:
+        return None
+
+
+def _identifiers(
+    stream: BinaryIO, size: int, *, whole: bool = True, dataset: Dataset | None = None
+) -> Identifiers:
+    """The identifiers of the dataset in `stream` (or of `dataset`, already read from it)."""
+    try:
+        ds = dataset if dataset is not None else _read(stream, size, whole=whole)
         uids = {
             kw: _text(ds, tag)
             for kw, tag in (
@@ -252,6 +358,7 @@ def read_identifiers(data: bytes) -> Identifiers:
         }
         modality = _text(ds, 0x00080060)
         body_part = _text(ds, 0x00180015)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
     except PARSE_ERRORS as exc:
         raise Refused(
             status.CANNOT_PARSE_DATASET,
@@ -269,6 +376,7 @@ def read_identifiers(data: bytes) -> Identifiers:
         sop_class_uid=str(uids["SOPClassUID"]),
         modality=modality[:16] if modality else None,
         body_part=body_part[:64] if body_part else None,
+        transfer_syntax_uid=str(syntax) if syntax else None,
     )
 
 
@@ -299,11 +407,43 @@ def check_request(req: Request) -> Identifiers:
             "SOP instance mismatch",
             f"command {req.sop_instance_uid}, dataset {ids.sop_instance_uid}",
         )
+    _check_uids(ids)
+    return ids
+
+
+def _check_uids(ids: Identifiers) -> None:
+    """Refused unless every UID can name a file in the spool (malformed but harmless ones can)."""
     for attribute, uid in ids.instance_uids():
         try:
             check_uid(uid)
         except InvalidUID as exc:
             raise Refused(status.INVALID_UID, "invalid UID", f"{attribute}: {exc}") from exc
+
+
+def check_upload(upload: Upload, expected_study: str | None) -> Identifiers:
+    """An uploaded Part 10 file's identifiers once they are usable, or Refused.
+
+    Read from the bytes kept in memory when they hold the whole header, else from the file.
+    With `expected_study` (STOW-RS to /studies/{study}) an instance of another study is
+    refused with `status.STUDY_MISMATCH`.
+    """
+    ids = _identifiers_in_head(upload.head, upload.size)
+    if ids is None:
+        assert upload.path is not None
+        ids = read_file_identifiers(upload.path)
+    if ids.transfer_syntax_uid is None:
+        raise Refused(
+            status.CANNOT_PARSE_DATASET,
+            "not a DICOM file",
+            "no file meta information (Transfer Syntax UID)",
+        )
+    _check_uids(ids)
+    if expected_study is not None and ids.study_uid != expected_study:
+        raise Refused(
+            status.STUDY_MISMATCH,
+            "study mismatch",
+            f"instance of study {ids.study_uid} sent to study {expected_study}",
+        )
     return ids
 
 
@@ -401,9 +541,21 @@ class Ingestor:
             if written is not None:
                 self._discard(written)
 
+    def has_room(self) -> bool:
+        """Whether the spool has `min_free_bytes` free (else instances get 0xA700)."""
+        return self.spool.has_room(self.min_free_bytes)
+
+    def room_bytes(self) -> int:
+        """Bytes that may still be written before the spool falls under `min_free_bytes`."""
+        return self.spool.free_bytes() - self.min_free_bytes
+
+    def finish_upload(self, fh: BinaryIO, tmp: Path) -> concurrent.futures.Future[Path]:
+        """Make a streamed temporary file durable on a writer thread (see `Upload.written`)."""
+        return self._writers.submit(self.spool.finish_temp, fh, tmp)
+
     def _start_write(self, data: bytes) -> concurrent.futures.Future[Path] | None:
         """Begin writing the temporary file; None when the spool lacks room."""
-        if not self.spool.has_room(self.min_free_bytes):
+        if not self.has_room():
             return None
         return self._writers.submit(self.spool.write_temp_file, data)
 
@@ -423,52 +575,84 @@ class Ingestor:
         if written is None:
             self._warn_space()
             return response(status.OUT_OF_RESOURCES, "spool disk full")
-        try:
-            outcome = self._store(req, ids, written)
-        except OSError as exc:
-            log.error(
-                "instance not stored: spool write failed",
-                extra=kv(
-                    sop=ids.sop_instance_uid,
-                    study=ids.study_uid,
-                    calling_ae=req.calling_ae,
-                    exc=f"{type(exc).__name__}: {exc}",
-                ),
-            )
-            return response(status.OUT_OF_RESOURCES, "spool write failed")
-        except DB_UNAVAILABLE as exc:
-            log.error(
-                "instance not stored: database unavailable",
-                extra=kv(
-                    sop=ids.sop_instance_uid,
-                    study=ids.study_uid,
-                    calling_ae=req.calling_ae,
-                    exc=type(exc.orig).__name__ if exc.orig else type(exc).__name__,
-                ),
-            )
-            return response(status.OUT_OF_RESOURCES, "database unavailable")
-        except Refused as refused:
-            return self._refuse(req, refused)
-        log.debug(
-            "instance %s",
-            outcome.value,
-            extra=kv(sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=req.calling_ae),
-        )
-        self._warn_malformed(ids, req)
-        if self.on_stored is not None:
+        item = self._pending(ids, req.transfer_syntax_uid, req.calling_ae, written, req.data)
+        self._commit_items([item])
+        if isinstance(item.result, Refused):
+            return self._refuse(req, item.result)
+        code, reason = self._settled(item)
+        if code == status.SUCCESS:
+            self._warn_malformed(ids, req.calling_ae)
+        if code == status.SUCCESS and self.on_stored is not None:
             self.on_stored(ids.study_uid)
-        return response(status.SUCCESS)
+        return response(code, reason)
+
+    def _pending(
+        self,
+        ids: Identifiers,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        written: concurrent.futures.Future[Path],
+        data: bytes,
+    ) -> _Pending:
+        path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        sha = hashlib.sha256(data).hexdigest()
+        return _Pending(ids, transfer_syntax_uid, calling_ae, path, written, len(data), sha)
+
+    def _settled(self, item: _Pending) -> tuple[int, str | None]:
+        """The status of a committed (or failed) instance, logging why it failed."""
+        ids, result = item.ids, item.result
+        if isinstance(result, Outcome):
+            log.debug(
+                "instance %s",
+                result.value,
+                extra=kv(sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=item.calling_ae),
+            )
+            return status.SUCCESS, None
+        if isinstance(result, OSError):
+            why, exc = "spool write failed", f"{type(result).__name__}: {result}"
+        elif isinstance(result, DB_UNAVAILABLE):
+            why = "database unavailable"
+            exc = type(result.orig).__name__ if result.orig else type(result).__name__
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            raise RuntimeError(f"instance {ids.sop_instance_uid} was not committed")
+        log.error(
+            f"instance not stored: {why}",
+            extra=kv(
+                sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=item.calling_ae, exc=exc
+            ),
+        )
+        return status.OUT_OF_RESOURCES, why
 
     def _refuse(self, req: Request, refused: Refused) -> Dataset:
         details = (
-            f"code: 0x{refused.code:04X}\ndetail: {refused.detail}\n"
             f"calling_ae: {req.calling_ae}\npeer: {req.peer}\n"
             f"command_sop_class: {req.sop_class_uid}\n"
             f"command_sop_instance: {req.sop_instance_uid}\n"
             f"transfer_syntax: {req.transfer_syntax_uid}\n"
         )
+        self._quarantine(
+            refused,
+            details,
+            lambda note: self.spool.quarantine(req.data, refused.reason, note),
+            sop=req.sop_instance_uid,
+            calling_ae=req.calling_ae,
+            peer=req.peer,
+        )
+        return response(refused.code, refused.reason)
+
+    def _quarantine(
+        self,
+        refused: Refused,
+        details: str,
+        keep: Callable[[str], Path],
+        **fields: Any,
+    ) -> None:
+        """Keep refused input with a note saying why; one warning line naming where."""
+        note = f"code: 0x{refused.code:04X}\ndetail: {refused.detail}\n{details}"
         try:
-            kept: Path | str = self.spool.quarantine(req.data, refused.reason, details)
+            kept: Path | str = keep(note)
         except OSError as exc:
             kept = f"not kept ({type(exc).__name__}: {exc})"
         log.warning(
@@ -476,16 +660,102 @@ class Ingestor:
             extra=kv(
                 reason=refused.reason,
                 status=f"0x{refused.code:04X}",
-                sop=req.sop_instance_uid,
-                calling_ae=req.calling_ae,
-                peer=req.peer,
+                **fields,
                 detail=refused.log_detail[:200],
                 quarantine=kept,
             ),
         )
-        return response(refused.code, refused.reason)
 
-    def _warn_malformed(self, ids: Identifiers, req: Request) -> None:
+    # The STOW-RS entry point -----------------------------------------------------------
+
+    def store_uploads(
+        self, uploads: Sequence[Upload], expected_study: str | None = None
+    ) -> list[Answer]:
+        """Check and store the instances of one request, committed together; one answer each.
+
+        Each answer is final: success only once the instance's file and row are durable.
+        The caller owns the temporary files and removes what the commit did not rename.
+        """
+        return self.commit_admitted([self.admit(u, expected_study) for u in uploads])
+
+    def admit(self, upload: Upload, expected_study: str | None = None) -> Admitted:
+        """Check one upload as soon as it is complete (while later ones still stream).
+
+        A refused upload is quarantined now and its answer is final; the others wait for
+        `commit_admitted`.
+        """
+        if self._closed:
+            ids = head_identifiers(upload.head)
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "receiver stopping", ids), upload)
+        if upload.written is None or upload.path is None:
+            self._warn_space()
+            ids = head_identifiers(upload.head)
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "spool disk full", ids), upload)
+        try:
+            ids = check_upload(upload, expected_study)
+        except Refused as refused:
+            answer = self._refuse_upload(upload, refused, head_identifiers(upload.head))
+            return Admitted(answer, upload)
+        except OSError as exc:  # the temporary file is gone: its writer failed
+            log.error(
+                "instance not stored: spool write failed",
+                extra=kv(part=upload.label, calling_ae=upload.calling_ae, exc=str(exc)),
+            )
+            return Admitted(Answer(status.OUT_OF_RESOURCES, "spool write failed", None), upload)
+        path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        syntax = str(ids.transfer_syntax_uid)
+        item = _Pending(
+            ids, syntax, upload.calling_ae, path, upload.written, upload.size, upload.sha256
+        )
+        return Admitted(None, upload, item)
+
+    def commit_admitted(self, admitted: Sequence[Admitted]) -> list[Answer]:
+        """Commit every admitted upload in one group; the answers in the same order."""
+        self._commit_items([a.item for a in admitted if a.item is not None])
+        answers: list[Answer] = []
+        studies: dict[str, None] = {}
+        for entry in admitted:
+            item = entry.item
+            if item is None:
+                assert entry.answer is not None
+                answers.append(entry.answer)
+            elif isinstance(item.result, Refused):
+                answers.append(self._refuse_upload(entry.upload, item.result, item.ids))
+            else:
+                code, reason = self._settled(item)
+                outcome = item.result if isinstance(item.result, Outcome) else None
+                answers.append(Answer(code, reason, item.ids, outcome, item.size))
+                if outcome is not None:
+                    studies[item.ids.study_uid] = None
+                    self._warn_malformed(item.ids, item.calling_ae)
+        if self.on_stored is not None:
+            for study_uid in studies:
+                self.on_stored(study_uid)
+        return answers
+
+    def _refuse_upload(self, upload: Upload, refused: Refused, ids: Identifiers | None) -> Answer:
+        details = f"calling_ae: {upload.calling_ae}\npeer: {upload.peer}\nsource: {upload.label}\n"
+        path = upload.path
+
+        def keep(note: str) -> Path:
+            if path is None:
+                raise FileNotFoundError("nothing was written")
+            return self.spool.quarantine_file(
+                path, refused.reason, note, upload.size, upload.sha256
+            )
+
+        self._quarantine(
+            refused,
+            details,
+            keep,
+            sop=ids.sop_instance_uid if ids else "-",
+            calling_ae=upload.calling_ae,
+            peer=upload.peer,
+            part=upload.label,
+        )
+        return Answer(refused.code, refused.reason, ids)
+
+    def _warn_malformed(self, ids: Identifiers, calling_ae: str) -> None:
         """Say once per study which attributes carry a malformed UID that was kept anyway."""
         malformed = ids.malformed()
         if not malformed:
@@ -500,7 +770,7 @@ class Ingestor:
                 attribute=",".join(malformed),
                 sop=ids.sop_instance_uid,
                 study=ids.study_uid,
-                calling_ae=req.calling_ae,
+                calling_ae=calling_ae,
             ),
         )
 
@@ -522,25 +792,17 @@ class Ingestor:
 
     # Durable storage ------------------------------------------------------------------
 
-    def _store(
-        self, req: Request, ids: Identifiers, written: concurrent.futures.Future[Path]
-    ) -> Outcome:
-        """Join (or lead) a group commit of the file being written; the outcome once durable."""
-        path = self.spool.instance_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
-        sha = hashlib.sha256(req.data).hexdigest()
-        item = _Pending(req, ids, path, written, len(req.data), sha)
-        self._queue.append(item)
+    def _commit_items(self, items: list[_Pending]) -> None:
+        """Join (or lead) a group commit of these files; each item's result once durable."""
+        if not items:
+            return
+        self._queue.extend(items)
         # Group commit: whoever holds the lock commits every instance queued so far in one
         # transaction (one directory flush, one database flush for all of them). A thread
-        # that gets the lock after its item was committed just returns.
+        # that gets the lock after its items were committed just returns.
         with self._commit_lock:
-            if not item.done:
+            if not all(item.done for item in items):
                 self._commit_queued()
-        if isinstance(item.result, BaseException):
-            raise item.result
-        if item.result is None:
-            raise RuntimeError(f"instance {ids.sop_instance_uid} was not committed")
-        return item.result
 
     def _commit_queued(self) -> None:
         batch: list[_Pending] = []
@@ -588,7 +850,8 @@ class Ingestor:
                 return
             try:
                 with self.engine.begin() as conn:
-                    results = [self._record(conn, item) for item in pending]
+                    seen = _Upserted()
+                    results = [self._record(conn, item, seen) for item in pending]
                     # The renames must be durable before the rows that name them commit.
                     renamed = (Outcome.STORED, Outcome.REPLACED)
                     self.spool.sync_dirs(
@@ -621,15 +884,23 @@ class Ingestor:
                     item.finish(result)
             pending = again
 
-    def _record(self, conn: Connection, item: _Pending) -> Outcome | Refused | OSError | None:
+    def _record(
+        self, conn: Connection, item: _Pending, seen: _Upserted
+    ) -> Outcome | Refused | OSError | None:
         """One instance's step in a transaction; None when it must go again after commit.
 
         Returns the outcome, or the refusal or file error that only this instance gets.
+        `seen` holds the study and series rows this transaction upserted already.
         """
-        req, ids, path, sha = item.req, item.ids, item.path, item.sha
+        ids, path, sha = item.ids, item.path, item.sha
         now = dt.datetime.now(dt.UTC)
-        study_id, version = self._upsert_study(conn, ids.study_uid, now)
-        series_id = self._upsert_series(conn, study_id, ids)
+        if ids.study_uid not in seen.studies:
+            seen.studies[ids.study_uid] = self._upsert_study(conn, ids.study_uid, now)
+        study_id, version = seen.studies[ids.study_uid]
+        series_key = (study_id, ids.series_uid, ids.modality, ids.body_part)
+        if series_key not in seen.series:
+            seen.series[series_key] = self._upsert_series(conn, study_id, ids)
+        series_id = seen.series[series_key]
         if series_id is None:
             return Refused(
                 status.SERIES_IN_OTHER_STUDY,
@@ -651,7 +922,7 @@ class Ingestor:
             )
             conn.execute(update(Instance).where(Instance.id == same.id).values(superseded_at=None))
             conn.execute(update(Study).where(Study.id == study_id).values(changed_at=now))
-            self._warn_changed(req, ids, current, sha, "older version restored")
+            self._warn_changed(item, current, "older version restored")
             return Outcome.RESTORED
         # Compared after resolving symlinks: a spool configured through another path to the
         # same directory must still see that a row names this file.
@@ -685,31 +956,29 @@ class Ingestor:
                 "series_id": series_id,
                 "sop_instance_uid": ids.sop_instance_uid,
                 "sop_class_uid": ids.sop_class_uid,
-                "transfer_syntax_uid": req.transfer_syntax_uid,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
                 "study_version": version,
                 "path": str(path),
                 "size": item.size,
                 "sha256": sha,
-                "calling_ae": req.calling_ae[:16],
+                "calling_ae": item.calling_ae[:16],
                 "received_at": now,
             },
         )
         if current:
-            self._warn_changed(req, ids, current, sha, "changed instance stored as newer version")
+            self._warn_changed(item, current, "changed instance stored as newer version")
             return Outcome.REPLACED
         return Outcome.STORED
 
-    def _warn_changed(
-        self, req: Request, ids: Identifiers, older: list[Any], sha: str, msg: str
-    ) -> None:
+    def _warn_changed(self, item: _Pending, older: list[Any], msg: str) -> None:
         log.warning(
             msg,
             extra=kv(
-                sop=ids.sop_instance_uid,
-                study=ids.study_uid,
-                calling_ae=req.calling_ae,
+                sop=item.ids.sop_instance_uid,
+                study=item.ids.study_uid,
+                calling_ae=item.calling_ae,
                 old_sha256=",".join(r.sha256[:16] for r in older) or "-",
-                new_sha256=sha[:16],
+                new_sha256=item.sha[:16],
             ),
         )
 

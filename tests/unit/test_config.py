@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, Settings, load_settings
+from daemon.config import ConfigError, Settings, dump_settings, load_settings
 
 FULL_TOML = """
 [dicom]
@@ -338,3 +338,165 @@ def test_a_short_quiet_window_with_the_default_early_window_survives_the_trip_to
     again = Settings(**settings.model_dump(mode="json"))
     assert again.assembly.early_analysis_seconds is None
     assert again == settings
+
+
+# [http] and DICOMweb destinations ---------------------------------------------------------
+
+SHA = "ab" * 32
+
+
+def test_http_is_off_by_default() -> None:
+    http = load_settings(None, {}).http
+    assert (http.port, http.tokens, http.anonymous, http.cors_origins) == (0, [], [], [])
+
+
+def test_http_section_with_tokens_and_tls(tmp_path: Path) -> None:
+    text = f"""
+[http]
+bind = "127.0.0.1"
+port = 8042
+max_body_mb = 512
+header_timeout = 5
+body_timeout = 20
+body_min_rate_kb = 32
+cors_origins = ["https://viewer.example.org"]
+
+[http.tls]
+certificate = "/etc/pacs-ai/https.crt"
+key = "/etc/pacs-ai/https.key"
+ca = "/etc/pacs-ai/clients-ca.pem"
+client_role = "store"
+
+[[http.tokens]]
+name = "orthanc"
+sha256 = "{SHA.upper()}"
+role = "store"
+
+[[http.tokens]]
+name = "grafana"
+sha256 = "{"cd" * 32}"
+role = "read"
+"""
+    http = load_settings(write(tmp_path, text), {}).http
+    assert (http.port, http.max_body_mb, http.header_timeout) == (8042, 512, 5.0)
+    assert [(t.name, t.sha256, t.role) for t in http.tokens] == [
+        ("orthanc", SHA, "store"),
+        ("grafana", "cd" * 32, "read"),
+    ]
+    assert http.tls is not None and http.tls.client_role == "store"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[http]\nport = 70000\n", "http.port: must be between 0 (off) and 65535"),
+        (
+            '[http]\nanonymous = ["operator"]\n',
+            "http.anonymous.0: Input should be 'store' or 'read'",
+        ),
+        (
+            f'[[http.tokens]]\nname = "a"\nsha256 = "{SHA}"\nrole = "admin"\n',
+            "http.tokens.0.role: Input should be 'store', 'read' or 'operator'",
+        ),
+        (
+            '[[http.tokens]]\nname = "a"\nsha256 = "secret-token-itself"\nrole = "store"\n',
+            "http.tokens.0.sha256: String should match pattern",
+        ),
+        (
+            f'[[http.tokens]]\nname = "a"\nsha256 = "{SHA}"\nrole = "store"\n'
+            f'[[http.tokens]]\nname = "b"\nsha256 = "{SHA}"\nrole = "read"\n',
+            "http.tokens: Value error, token sha256",
+        ),
+        (
+            '[http.tls]\ncertificate = "/c"\nkey = "/k"\nclient_role = "store"\n',
+            "http.tls: client_role needs ca",
+        ),
+    ],
+    ids=["port", "anonymous operator", "role", "not a sha256", "same sha256", "client role"],
+)
+def test_bad_http_settings_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    assert (
+        config_error(tmp_path, text)
+        .replace("Value error, ", "")
+        .startswith(message.replace("Value error, ", ""))
+    )
+
+
+def test_dicomweb_destination_beside_a_dimse_one(tmp_path: Path) -> None:
+    text = """
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs"
+port = 104
+
+[[destinations]]
+kind = "dicomweb"
+name = "cloud"
+url = "https://dicom.example.org/dicomweb/"
+token = "s3cr3t"
+verify = "qido"
+
+[destinations.tls]
+ca = "/etc/pacs-ai/cloud-ca.pem"
+"""
+    settings = load_settings(write(tmp_path, text), {})
+    pacs, cloud = settings.destinations
+    assert pacs.kind == "dimse"
+    assert (cloud.kind, cloud.url, cloud.verify) == (
+        "dicomweb",
+        "https://dicom.example.org/dicomweb",
+        "qido",
+    )
+    assert cloud.token is not None and cloud.token.get_secret_value() == "s3cr3t"
+    dumped = dump_settings(settings)
+    assert "s3cr3t" not in dumped and 'token = "**********"' in dumped
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('kind = "dicomweb"\nname = "c"\n', "destinations.0.url: Field required"),
+        ('kind = "dicomweb"\nname = "c"\nurl = "ftp://x"\n', "destinations.0.url: must be an http"),
+        (
+            'kind = "dicomweb"\nname = "c"\nurl = "http://x"\nverify = "find"\n',
+            "destinations.0.verify:",
+        ),
+        (
+            'kind = "dicomweb"\nname = "c"\nurl = "http://x"\nae_title = "X"\n',
+            "destinations.0.ae_title: unknown key",
+        ),
+        ('kind = "hl7"\nname = "c"\n', "destinations.0: kind must be 'dimse' or 'dicomweb'"),
+        (
+            'kind = "dicomweb"\nname = "c"\nurl = "http://x"\n'
+            '[destinations.tls]\ncertificate = "/c"\n',
+            "destinations.0.tls: Value error, certificate and key go together",
+        ),
+    ],
+)
+def test_bad_dicomweb_destination_names_the_field(tmp_path: Path, table: str, message: str) -> None:
+    got = config_error(tmp_path, "[[destinations]]\n" + table)
+    assert got.startswith(message.replace("Value error, ", "")), got
+
+
+def test_http_token_prints_the_token_once_and_an_entry_that_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+    import tomllib
+
+    from daemon.cli import main
+
+    assert main(["http", "token", "orthanc", "--role", "store"]) == 0
+    out, err = capsys.readouterr()
+    token = err.strip().splitlines()[-1]
+    entry = tomllib.loads(out)["http"]["tokens"][0]
+    assert entry == {
+        "name": "orthanc",
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "role": "store",
+    }
+    assert token not in out  # stdout can be appended to the configuration as it is
+    http = load_settings(write(tmp_path, out), {}).http
+    assert http.tokens[0].name == "orthanc"
+    assert main(["http", "token", "no spaces", "--role", "read"]) == 2

@@ -78,7 +78,7 @@ def test_delivered_sr_is_audited_with_the_uid_that_went_and_the_destination(
         sop_instance_uid=fallback_uid,
         fallback_used=True,
     )
-    monkeypatch.setattr(dispatch_job, "send_file", lambda *args, **kwargs: outcome)
+    monkeypatch.setattr(dispatch_job, "send", lambda *args, **kwargs: outcome)
     settings = rows.settings_for(
         "sqlite://",
         spool_dir,
@@ -104,7 +104,7 @@ def test_failed_delivery_is_not_audited(
 ) -> None:
     _dispatch_job(engine, spool_dir)
     outcome = SendOutcome(ok=False, kind="rejected", detail="0xA700", retryable=True)
-    monkeypatch.setattr(dispatch_job, "send_file", lambda *args, **kwargs: outcome)
+    monkeypatch.setattr(dispatch_job, "send", lambda *args, **kwargs: outcome)
     settings = rows.settings_for(
         "sqlite://",
         spool_dir,
