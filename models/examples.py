@@ -22,11 +22,13 @@ def keras_backbone(path: Path, input_size: int = 32, classes: int = 2, seed: int
     """A MobileNetV2 (width 0.35, random weights) with a pooled embedding and a softmax head,
     saved as a whole `.keras` model: a Keras network of another shape than the seed's."""
     keras.utils.set_random_seed(seed)
-    base = keras.applications.MobileNetV2(input_shape=(input_size, input_size, 3), alpha=0.35,
-                                          include_top=False, weights=None)
+    # Named, so the file's input is called the same whatever Keras built before in the process.
+    image = keras.Input(shape=(input_size, input_size, 3), name="image")
+    base = keras.applications.MobileNetV2(input_tensor=image, alpha=0.35, include_top=False,
+                                          weights=None)
     pooled = keras.layers.GlobalAveragePooling2D(name=BACKBONE_EMBEDDING)(base.output)
     outputs = keras.layers.Dense(classes, activation="softmax", name="probabilities")(pooled)
-    model = keras.Model(base.input, outputs, name="backbone")
+    model = keras.Model(image, outputs, name="backbone")
     model.save(path)
     return model
 

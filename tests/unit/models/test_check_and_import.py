@@ -32,7 +32,7 @@ def test_an_imported_keras_file_passes_check_on_a_study(
     assert check_command(out, study) == 0
     printed = capsys.readouterr().out
     assert "format    keras, keras " in printed
-    assert "input     'input_layer' (?, 32, 32, 3) float32: image level, NHWC" in printed
+    assert "input     'image' (?, 32, 32, 3) float32: image level, NHWC" in printed
     assert "(5 images), highest per class: class-0 " in printed and "ms per image" in printed
 
 
