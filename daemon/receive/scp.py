@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
-from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
 from pynetdicom import AE, _config, evt
@@ -33,6 +32,7 @@ from sqlalchemy import Engine
 
 from daemon.config import Settings
 from daemon.db.engine import make_engine
+from daemon.lifeline import watch_parent
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.receive import status
@@ -342,14 +342,15 @@ def _child_main(
     index: int,
     counts: SynchronizedArray[Any],
     events: Any,
-    ready: MpEvent,
+    ready: Any,
     draining: Any,
     stopping: Any,
     drain: Any,
     log_level: str,
 ) -> None:
-    """A spawned receiver process: serve until the parent says stop, then drain."""
+    """A spawned receiver process: serve until the parent says stop (or is gone), then drain."""
     setup_logging(log_level)
+    watch_parent(lambda: setattr(stopping, "value", 1))
     configure_pynetdicom()
     engine = make_engine(database_url)
     listener = _Listener(
@@ -362,9 +363,9 @@ def _child_main(
         metrics=Metrics(),
     )
     listener.start()
-    ready.set()
+    ready.value = 1
     # Plain shared flags, polled: a process killed while waiting on an mp.Event would make the
-    # parent's set() wait for it forever.
+    # other's set() wait for it forever (a parent killed while waiting for `ready` did).
     while not stopping.value:
         if draining.value:
             listener.stop_accepting()
@@ -462,7 +463,7 @@ class Receiver:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         readies = []
         for index in range(n):
-            ready = self._ctx.Event()
+            ready = self._ctx.Value("b", 0, lock=False)
             proc = self._ctx.Process(
                 target=_child_main,
                 args=(
@@ -489,7 +490,8 @@ class Receiver:
         self._forwarder.start()
         deadline = time.monotonic() + START_TIMEOUT
         for proc, ready in zip(self._procs, readies, strict=True):
-            while not ready.wait(0.05):
+            while not ready.value:
+                time.sleep(0.05)
                 if not proc.is_alive() or time.monotonic() > deadline:
                     self._stopping.value = 1
                     self._join(5.0)
