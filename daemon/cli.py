@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import __version__
-from daemon.config import ConfigError, Settings, dump_settings, load_settings
+from daemon.config import ConfigError, Settings, config_file, dump_settings, load_settings
+from daemon.db.engine import DatabaseMissing, DatabaseNotAtHead
 from daemon.logsetup import LEVELS, setup_logging
 
 EXIT_OK = 0
@@ -88,10 +89,9 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from daemon.db import audit
-    from daemon.db.engine import make_engine
+    from daemon.db import audit, migrate
 
-    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(_settings(args).storage.effective_database_url)
     try:
         with engine.connect() as conn:
             check = audit.verify(conn)
@@ -102,10 +102,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_results_compare(args: argparse.Namespace) -> int:
-    from daemon.db.engine import make_engine
+    from daemon.db import migrate
     from daemon.governance import compare, render_comparison
 
-    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(_settings(args).storage.effective_database_url)
     try:
         with engine.connect() as conn:
             comparison = compare(conn, args.model_a, args.model_b)
@@ -118,12 +118,12 @@ def cmd_results_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from daemon.db.engine import make_engine
+    from daemon.db import migrate
     from daemon.governance import ReplayRefused, check_replayable, known_models, replay
 
     settings = _settings(args)
     models = [args.model] if args.model else []
-    engine = make_engine(settings.storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(settings.storage.effective_database_url)
     try:
         check_replayable(engine, args.study_uid)
         known = known_models(settings.models.dir) if models else None
@@ -161,7 +161,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(dump_settings(settings), end="")
+    print(dump_settings(settings, config_file(args.config)), end="")
     return EXIT_OK
 
 
@@ -204,7 +204,12 @@ def cmd_models_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; each leaf sets `func`."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=None, help="TOML file ($PACSAI_CONFIG)")
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file (default: $PACSAI_CONFIG, else /etc/pacs-ai/pacs-ai.toml if it exists)",
+    )
     common.add_argument("--log-level", choices=LEVELS, default=None, help="default: info")
 
     parser = argparse.ArgumentParser(
@@ -305,7 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # TensorFlow's C++ start-up chatter is not for operators; workers inherit this.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
+    except (DatabaseMissing, DatabaseNotAtHead) as exc:
+        _report(level, f"{exc}: {_upgrade_hint(args, exc)}")
+        return EXIT_FAILURE
     except ConfigError as exc:
         _report(level, f"configuration error: {exc}")
         return EXIT_USAGE
@@ -320,6 +332,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _upgrade_hint(args: argparse.Namespace, exc: Exception) -> str:
+    """The command that makes the database usable, with the configuration as it was given."""
+    command = "pacs-ai db upgrade" + (f" --config {args.config}" if args.config else "")
+    if isinstance(exc, DatabaseMissing):
+        return f"check storage.database_url, or create it with `{command}`"
+    return f"run `{command}`"
+
+
+def _closed_stdout() -> int:
+    """The reader went away (`pacs-ai jobs list | head`): stop quietly, as other tools do.
+
+    Python would report the broken pipe again when it flushes stdout at exit, so stdout is
+    pointed at /dev/null first.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def _first_line(exc: BaseException) -> str:

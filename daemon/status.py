@@ -13,12 +13,12 @@ from daemon import __version__
 from daemon.config import Settings
 from daemon.db import audit, migrate, queue
 from daemon.db.deliveries import CONFIRMED, SENT, VERIFY_NONE
-from daemon.db.engine import make_engine
 from daemon.db.schema import Dispatch, Instance, Job, Report, Result, Study, utcnow
 
 
 def _engine(settings: Settings) -> Engine:
-    return make_engine(settings.storage.effective_database_url, pool_size=1)
+    """The configured database, which must exist and be at head: nothing here creates it."""
+    return migrate.open_at_head(settings.storage.effective_database_url)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -54,6 +54,26 @@ def _spool_free(settings: Settings) -> int | None:
         return None
 
 
+def _retrying_row(job: Any) -> dict[str, Any]:
+    """A job waiting for its next try: what it is, where it goes, when, and why it failed."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "key": job.key,
+        "destination": (job.payload or {}).get("destination"),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "next_attempt": _utc(job.run_after).isoformat(timespec="seconds"),
+        "next_attempt_in_s": round((_utc(job.run_after) - utcnow()).total_seconds()),
+        "last_error": job.last_error,
+    }
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """A stored time as aware UTC (SQLite hands it back naive)."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def _database_status(conn: Connection) -> dict[str, Any]:
     def count(col: Any, *where: Any) -> int:
         return int(conn.execute(select(func.count(col)).where(*where)).scalar_one())
@@ -64,12 +84,15 @@ def _database_status(conn: Connection) -> dict[str, Any]:
     dead = conn.execute(
         select(Job).where(Job.state == "dead").order_by(Job.updated_at.desc()).limit(10)
     ).all()
+    waiting, soonest = queue.waiting_for_retry(conn)
     return {
         "studies": count(Study.id),
         "instances": count(Instance.id, Instance.superseded_at.is_(None)),
         "reports": count(Report.id),
         "jobs": queue.counts_by_kind_and_state(conn),
         "oldest_queued_age_s": queue.oldest_queued_age(conn),
+        "waiting_for_retry": waiting,
+        "retrying": [_retrying_row(j) for j in soonest],
         "dispatches": {k: int(v) for k, v in dispatches.items()},
         "last_instance_received": _iso(
             conn.execute(select(func.max(Instance.received_at))).scalar_one()
@@ -104,12 +127,11 @@ def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
             "version": __version__,
             "database": engine.url.render_as_string(hide_password=True),
             "schema_revision": revision,
-            "schema_at_head": revision == migrate.head_revision(),
+            "schema_at_head": True,  # `_engine` refuses any other database
         }
-        if revision is not None:
-            with engine.connect() as conn:
-                report.update(_database_status(conn))
-                report["deliveries"] = _delivery_counts(conn, settings)
+        with engine.connect() as conn:
+            report.update(_database_status(conn))
+            report["deliveries"] = _delivery_counts(conn, settings)
     finally:
         engine.dispose()
     report["spool_dir"] = str(settings.storage.spool_dir)
@@ -150,18 +172,16 @@ def _human_bytes(n: int | None) -> str:
 def render_status(report: dict[str, Any]) -> str:
     """A short table a person reads at a glance."""
     lines = [f"pacs-ai {report['version']}   database {report['database']}"]
-    if not report.get("schema_at_head"):
-        lines.append(
-            f"  schema: {report.get('schema_revision') or 'empty'} (run `pacs-ai db upgrade`)"
-        )
     if "studies" in report:
         lines.append(
             f"  studies {report['studies']}   instances {report['instances']}   "
             f"reports {report['reports']}"
         )
         age = report["oldest_queued_age_s"]
+        waiting = report["waiting_for_retry"]
         lines.append(
-            f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}   "
+            f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}"
+            f"{f' ({waiting} waiting for retry)' if waiting else ''}   "
             f"last instance: {report['last_instance_received'] or 'never'}   "
             f"last SR delivered: {report['last_sr_delivered'] or 'never'}"
         )
@@ -176,6 +196,17 @@ def render_status(report: dict[str, Any]) -> str:
             f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
             f"unconfirmed {deliveries.get('unconfirmed', 0)}"
         )
+        if waiting:
+            shown = len(report["retrying"])
+            lines.append(f"  waiting for retry ({waiting}; the {shown} soonest):")
+            for job in report["retrying"]:
+                where = f" to {job['destination']}" if job["destination"] else ""
+                lines.append(
+                    f"    job {job['id']} {job['kind']}{where}: attempt "
+                    f"{job['attempts']}/{job['max_attempts']} failed; next try "
+                    f"{job['next_attempt']} (in {max(0, job['next_attempt_in_s'])} s): "
+                    f"{job['last_error']}"
+                )
         if report["dead_letters"]:
             lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
             for dead in report["dead_letters"]:
