@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import gc
 import logging
@@ -23,6 +24,7 @@ from daemon.config import Settings
 from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.engine import make_engine
+from daemon.lifeline import watch_parent
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.spool import Spool
@@ -146,17 +148,33 @@ def _record_failure(ctx: WorkerContext, job: queue.ClaimedJob, exc: Exception) -
     # Stages mark failures that no retry can mend with `retryable = False`.
     permanent = getattr(exc, "retryable", True) is False
     state = queue.fail(ctx.engine, job.id, ctx.owner, error, ctx.policy, permanent=permanent)
-    level = logging.ERROR if state == "dead" else logging.WARNING
-    log.log(
-        level,
-        "job failed",
-        exc_info=exc,
-        extra=kv(job=job.id, kind=job.kind, attempt=job.attempts, now=state, error=error[:300]),
-    )
+    # One line per attempt, saying where it was going and when it is tried again.
+    fields: dict[str, Any] = {"job": job.id, "kind": job.kind}
+    if "destination" in job.payload:
+        fields["destination"] = job.payload["destination"]
+    fields["attempt"] = f"{job.attempts}/{job.max_attempts}"
+    if state == "queued":
+        next_try = queue.next_attempt_at(ctx.engine, job.id)
+        fields["next_try"] = _utc(next_try) if next_try else "now"
+    fields["error"] = error[:300]
+    trace = exc if log.isEnabledFor(logging.DEBUG) else None  # `error` says it otherwise
+    if state == "dead":
+        log.error("job failed, giving up", exc_info=trace, extra=kv(**fields))
+    elif state == "queued":
+        log.warning("job failed, will retry", exc_info=trace, extra=kv(**fields))
+    else:
+        log.warning("job failed after its lease was lost", exc_info=trace, extra=kv(**fields))
     if state == "dead" and job.kind == "dispatch":
         from daemon.dispatch.job import mark_dead
 
         mark_dead(ctx.engine, int(job.payload["dispatch_id"]), error)
+
+
+def _utc(moment: dt.datetime) -> str:
+    """A timestamp for a log line, in UTC like the line's own time."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def make_context(settings: Settings, name: str) -> WorkerContext:
@@ -223,8 +241,9 @@ def _context_or_exit(settings: Settings, name: str) -> WorkerContext:
 
 
 def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, level: str) -> None:
-    """Entry point of a spawned pool worker."""
+    """Entry point of a spawned pool worker; it stops as on SIGTERM when `serve` is gone."""
     setup_logging(level)
+    watch_parent(functools.partial(os.kill, os.getpid(), signal.SIGTERM))
     # The parent is told after "worker ready" is logged, so the line precedes READY=1.
     _serve_jobs(Settings(**settings_data), f"w{index}", ready.set, worker=index)
 

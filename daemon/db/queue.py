@@ -399,3 +399,35 @@ class JobWaiter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def waiting_for_retry(conn: Connection, limit: int = 10) -> tuple[int, list[Any]]:
+    """Jobs a failed attempt sent back to wait for their next try: how many, and the soonest
+    `limit` of them (id, kind, key, attempts, max_attempts, run_after, last_error, payload)."""
+    now = utcnow()
+    waiting = (Job.state == "queued") & (Job.attempts > 0) & (Job.run_after > now)
+    total = conn.execute(sa_select(func.count(Job.id)).where(waiting)).scalar_one()
+    rows = conn.execute(
+        sa_select(
+            Job.id,
+            Job.kind,
+            Job.key,
+            Job.attempts,
+            Job.max_attempts,
+            Job.run_after,
+            Job.last_error,
+            Job.payload,
+        )
+        .where(waiting)
+        .order_by(Job.run_after)
+        .limit(limit)
+    ).all()
+    return int(total), list(rows)
+
+
+def next_attempt_at(engine: Engine, job_id: int) -> dt.datetime | None:
+    """When a queued job may run next (None when it is not queued)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa_select(Job.run_after).where(Job.id == job_id, Job.state == "queued")
+        ).scalar_one_or_none()
