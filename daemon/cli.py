@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -145,6 +146,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reports_send(args: argparse.Namespace) -> int:
+    from daemon.db import migrate
+    from daemon.resend import NothingToSend, send_reports
+
+    settings = _settings(args)
+    engine = migrate.open_at_head(settings.storage.effective_database_url)
+    try:
+        queued = send_reports(engine, settings, args.to, study_uid=args.study, since=args.since)
+    except NothingToSend as exc:
+        raise CommandFailed(str(exc)) from exc
+    finally:
+        engine.dispose()
+    for item in queued:
+        print(item)
+    fresh = sum(1 for item in queued if item.was != "pending")
+    print(f"{fresh} of {len(queued)} reports queued for {args.to} (see `pacs-ai status`)")
+    return EXIT_OK
+
+
+def _utc_date(text: str) -> dt.datetime:
+    """`2026-11-30` or `2026-11-30T08:00`, taken as UTC unless it names its offset."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (e.g. 2026-11-30)") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from daemon.db import migrate
     from daemon.db.engine import make_engine
@@ -270,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "replay", cmd_replay, "analyse a spooled study again; its SR supersedes")
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--model", metavar="NAME", default=None, help="only this model")
+
+    reports = sub.add_parser("reports", help="reports and their delivery").add_subparsers(
+        dest="reports_command", required=True, metavar="ACTION"
+    )
+    p = leaf(
+        reports,
+        "send",
+        cmd_reports_send,
+        "send a study's reports (or those written since a date) to a destination, "
+        "through the outbox and its retries",
+    )
+    p.add_argument("--to", required=True, metavar="NAME", help="a [[destinations]] name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="one study's latest reports")
+    which.add_argument(
+        "--since", metavar="DATE", type=_utc_date, help="every study reported since (UTC)"
+    )
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"

@@ -13,7 +13,16 @@ from daemon import __version__
 from daemon.config import Settings
 from daemon.db import audit, migrate, queue
 from daemon.db.deliveries import CONFIRMED, SENT, VERIFY_NONE
-from daemon.db.schema import Dispatch, Instance, Job, Report, Result, Study, utcnow
+from daemon.db.schema import (
+    REPORT_KIND_NAMES,
+    Dispatch,
+    Instance,
+    Job,
+    Report,
+    Result,
+    Study,
+    utcnow,
+)
 
 
 def _engine(settings: Settings) -> Engine:
@@ -279,22 +288,61 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
             if job.study_id is not None:
                 study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
                 out["study_uid"] = study.study_uid
-                rows = conn.execute(
-                    select(
-                        Report.sop_instance_uid,
-                        Report.study_version,
-                        Dispatch.destination,
-                        Dispatch.state.label("dispatch_state"),
-                        Dispatch.last_status,
-                    )
-                    .join(Dispatch, Dispatch.report_id == Report.id, isouter=True)
-                    .where(Report.study_id == job.study_id)
-                    .order_by(Report.id)
-                ).all()
-                out["reports"] = [dict(row._mapping) for row in rows]
+                out["reports"] = _study_reports(conn, job.study_id)
             return out
     finally:
         engine.dispose()
+
+
+def _study_reports(conn: Connection, study_id: int) -> list[dict[str, Any]]:
+    """Every report of the study (SR or heatmap, where its file is) and its deliveries."""
+    reports = conn.execute(
+        select(
+            Report.id,
+            Report.kind,
+            Report.sop_instance_uid,
+            Report.study_version,
+            Report.path,
+            Report.created_at,
+        )
+        .where(Report.study_id == study_id)
+        .order_by(Report.id)
+    ).all()
+    dispatches = conn.execute(
+        select(
+            Dispatch.report_id,
+            Dispatch.id,
+            Dispatch.destination,
+            Dispatch.state,
+            Dispatch.attempts,
+            Dispatch.last_status,
+            Dispatch.sent_at,
+        )
+        .where(Dispatch.report_id.in_([r.id for r in reports]))
+        .order_by(Dispatch.id)
+    ).all()
+    return [
+        {
+            "kind": REPORT_KIND_NAMES.get(r.kind, r.kind),
+            "sop_instance_uid": r.sop_instance_uid,
+            "study_version": r.study_version,
+            "path": r.path,
+            "created_at": _iso(r.created_at),
+            "deliveries": [
+                {
+                    "dispatch": d.id,
+                    "destination": d.destination,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "sent_at": _iso(d.sent_at),
+                }
+                for d in dispatches
+                if d.report_id == r.id
+            ],
+        }
+        for r in reports
+    ]
 
 
 def render_job_detail(job: dict[str, Any]) -> str:
@@ -305,9 +353,17 @@ def render_job_detail(job: dict[str, Any]) -> str:
         lines.append(f"  result {r['model']} {r['level']} {where}: {value}")
     for rep in job.get("reports", []):
         lines.append(
-            f"  report {rep['sop_instance_uid']} v{rep['study_version']} -> "
-            f"{rep['destination']}: {rep['dispatch_state']} {rep['last_status'] or ''}"
+            f"  report {rep['kind']} {rep['sop_instance_uid']} v{rep['study_version']} "
+            f"{rep['path']}"
         )
+        for d in rep["deliveries"]:
+            status = f": {d['last_status']}" if d["last_status"] else ""
+            lines.append(
+                f"    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
+                f"{status}"
+            )
+        if not rep["deliveries"]:
+            lines.append("    -> no destination (see `pacs-ai reports send`)")
     return "\n".join(lines)
 
 

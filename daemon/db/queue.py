@@ -431,3 +431,17 @@ def next_attempt_at(engine: Engine, job_id: int) -> dt.datetime | None:
         return conn.execute(
             sa_select(Job.run_after).where(Job.id == job_id, Job.state == "queued")
         ).scalar_one_or_none()
+
+
+def requeue(conn: Connection, key: str) -> bool:
+    """Queue the finished job with `key` again, its attempts from zero (an operator's resend);
+    False when it is queued or running already, or does not exist."""
+    now = utcnow()
+    res = conn.execute(
+        update(Job)
+        .where(Job.key == key, Job.state.in_(("done", "dead", "cancelled")))
+        .values(state="queued", attempts=0, run_after=now, finished_at=None, updated_at=now)
+    )
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify(:c, 'requeue')"), {"c": NOTIFY_CHANNEL})
+    return res.rowcount == 1

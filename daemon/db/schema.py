@@ -166,6 +166,9 @@ class Report(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# Report kinds as operators read them (`jobs show`, `reports send`).
+REPORT_KIND_NAMES = {"sr": "SR", "heatmap": "heatmap"}
+
 DISPATCH_STATES = ("pending", "sent", "confirmed", "dead", "cancelled")
 
 

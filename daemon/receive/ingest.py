@@ -328,6 +328,9 @@ class Ingestor:
         Below this much free space on the spool's filesystem new instances get 0xA700.
     on_stored
         Called with the Study Instance UID after each commit (not for refusals).
+    on_outcome
+        Called with the request and what storing it came to (e.g. a duplicate of what was
+        already stored), after each commit.
     """
 
     def __init__(
@@ -337,11 +340,13 @@ class Ingestor:
         min_free_bytes: int,
         on_stored: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[Request, Outcome], None] | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
+        self.on_outcome = on_outcome
         self._clock = clock
         self._warn_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -422,6 +427,8 @@ class Ingestor:
             outcome.value,
             extra=kv(sop=ids.sop_instance_uid, study=ids.study_uid, calling_ae=req.calling_ae),
         )
+        if self.on_outcome is not None:
+            self.on_outcome(req, outcome)
         if self.on_stored is not None:
             self.on_stored(ids.study_uid)
         return response(status.SUCCESS)

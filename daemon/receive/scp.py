@@ -37,7 +37,7 @@ from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.receive import status
 from daemon.receive.commitment import add_commitment_context, handle_commitment_report
-from daemon.receive.ingest import Ingestor, Request
+from daemon.receive.ingest import Ingestor, Outcome, Request
 from daemon.receive.transport import ReceiverRequestHandler
 from daemon.spool import Spool
 
@@ -156,6 +156,39 @@ def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+class _DuplicateTally:
+    """Per association: C-STOREs answered and how many were duplicates of stored instances.
+
+    A sender that sends a study again gets success for every instance and nothing else
+    happens (nothing new to analyse); the end of such an association says so once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # peer -> [answered, duplicates]
+
+    def answered(self, peer: str) -> None:
+        with self._lock:
+            self._counts.setdefault(peer, [0, 0])[0] += 1
+
+    def outcome(self, req: Request, outcome: Outcome) -> None:
+        if outcome is Outcome.DUPLICATE:
+            with self._lock:
+                self._counts.setdefault(req.peer, [0, 0])[1] += 1
+
+    def ended(self, assoc: Association) -> None:
+        """Log one INFO line if every instance of the association was a duplicate."""
+        with self._lock:
+            answered, duplicates = self._counts.pop(_peer(assoc), [0, 0])
+        if answered and duplicates == answered:
+            log.info(
+                "association sent only instances already stored (identical): nothing new",
+                extra=kv(
+                    peer=_peer(assoc), calling_ae=assoc.requestor.ae_title, instances=answered
+                ),
+            )
+
+
 class _Listener:
     """One process's SCP: an AE, its server thread and the event handlers."""
 
@@ -176,8 +209,13 @@ class _Listener:
         self.metrics = metrics
         self.spool = spool or Spool(settings.storage.spool_dir)
         self.spool.prepare()
+        self.duplicates = _DuplicateTally()
         self.ingestor = Ingestor(
-            self.spool, engine, settings.storage.min_free_mb * 2**20, on_stored
+            self.spool,
+            engine,
+            settings.storage.min_free_mb * 2**20,
+            on_stored,
+            on_outcome=self.duplicates.outcome,
         )
         ae = _LimitedAE(dicom.ae_title, dicom.max_associations, counts, index)
         ae.require_called_aet = True
@@ -272,6 +310,7 @@ class _Listener:
         req = event.request
         assoc = event.assoc
         data = event.encoded_dataset()
+        self.duplicates.answered(_peer(assoc))
         answer = self.ingestor.store(
             Request(
                 data=data,
@@ -320,11 +359,13 @@ class _Listener:
         )
 
     def _on_released(self, event: Event) -> None:
+        self.duplicates.ended(event.assoc)
         if self.metrics is not None:
             self.metrics.associations_active.dec()
 
     def _on_aborted(self, event: Event) -> None:
         assoc = event.assoc
+        self.duplicates.ended(assoc)
         if self.metrics is not None and assoc.is_established:
             self.metrics.associations_active.dec()
         log.warning(
