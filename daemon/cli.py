@@ -194,6 +194,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from daemon.receive.conformance import conformance_markdown
+
+    print(conformance_markdown(sop_classes=args.sop_classes), end="")
+    return EXIT_OK
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from daemon.dispatch.scu import echo
 
@@ -264,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "status", cmd_status, "queue, spool and destinations at a glance")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-echo", action="store_true", help="skip the C-ECHO of destinations")
+    p = leaf(
+        sub,
+        "conformance",
+        cmd_conformance,
+        "the SOP classes and transfer syntaxes the receiver accepts (Markdown)",
+    )
+    p.add_argument("--sop-classes", action="store_true", help="list every storage SOP class")
     p = leaf(sub, "echo", cmd_echo, "C-ECHO a configured destination")
     p.add_argument("name")
 

@@ -83,6 +83,16 @@ def configure_pynetdicom(*, unrestricted: bool = True, chunked: bool = False) ->
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+def add_receiver_contexts(ae: AE) -> None:
+    """What the receiver accepts (the README's conformance table is generated from this):
+    Verification and every storage SOP class pynetdicom names in `TRANSFER_SYNTAXES` (with
+    `UNRESTRICTED_STORAGE_SERVICE`, any other storage class too), and Storage Commitment."""
+    ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    add_commitment_context(ae)
+
+
 def warn_if_open(settings: Settings, logger: logging.Logger = log) -> bool:
     """Log a warning when any calling AE title is accepted; True if it warned."""
     if settings.dicom.allowed_callers:
@@ -224,10 +234,7 @@ class _Listener:
         ae.dimse_timeout = dicom.dimse_timeout
         ae.network_timeout = dicom.network_timeout
         ae.maximum_pdu_size = dicom.max_pdu
-        ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        add_commitment_context(ae)
+        add_receiver_contexts(ae)
         self.ae = ae
         handlers = [
             (
