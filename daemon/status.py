@@ -181,45 +181,44 @@ def _human_bytes(n: int | None) -> str:
 def render_status(report: dict[str, Any]) -> str:
     """A short table a person reads at a glance."""
     lines = [f"pacs-ai {report['version']}   database {report['database']}"]
-    if "studies" in report:
-        lines.append(
-            f"  studies {report['studies']}   instances {report['instances']}   "
-            f"reports {report['reports']}"
-        )
-        age = report["oldest_queued_age_s"]
-        waiting = report["waiting_for_retry"]
-        lines.append(
-            f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}"
-            f"{f' ({waiting} waiting for retry)' if waiting else ''}   "
-            f"last instance: {report['last_instance_received'] or 'never'}   "
-            f"last SR delivered: {report['last_sr_delivered'] or 'never'}"
-        )
-        lines.append("  jobs:")
-        for kind, states in sorted(report["jobs"].items()):
-            text = "  ".join(f"{s} {n}" for s, n in sorted(states.items()))
-            lines.append(f"    {kind:<10} {text}")
-        disp = "  ".join(f"{s} {n}" for s, n in sorted(report["dispatches"].items()))
-        lines.append(f"  dispatches: {disp or 'none'}")
-        deliveries = report.get("deliveries", {})
-        lines.append(
-            f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
-            f"unconfirmed {deliveries.get('unconfirmed', 0)}"
-        )
-        if waiting:
-            shown = len(report["retrying"])
-            lines.append(f"  waiting for retry ({waiting}; the {shown} soonest):")
-            for job in report["retrying"]:
-                where = f" to {job['destination']}" if job["destination"] else ""
-                lines.append(
-                    f"    job {job['id']} {job['kind']}{where}: attempt "
-                    f"{job['attempts']}/{job['max_attempts']} failed; next try "
-                    f"{job['next_attempt']} (in {max(0, job['next_attempt_in_s'])} s): "
-                    f"{job['last_error']}"
-                )
-        if report["dead_letters"]:
-            lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
-            for dead in report["dead_letters"]:
-                lines.append(f"    job {dead['id']} {dead['kind']}: {dead['last_error']}")
+    lines.append(
+        f"  studies {report['studies']}   instances {report['instances']}   "
+        f"reports {report['reports']}"
+    )
+    age = report["oldest_queued_age_s"]
+    waiting = report["waiting_for_retry"]
+    lines.append(
+        f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}"
+        f"{f' ({waiting} waiting for retry)' if waiting else ''}   "
+        f"last instance: {report['last_instance_received'] or 'never'}   "
+        f"last SR delivered: {report['last_sr_delivered'] or 'never'}"
+    )
+    lines.append("  jobs:")
+    for kind, states in sorted(report["jobs"].items()):
+        text = "  ".join(f"{s} {n}" for s, n in sorted(states.items()))
+        lines.append(f"    {kind:<10} {text}")
+    disp = "  ".join(f"{s} {n}" for s, n in sorted(report["dispatches"].items()))
+    lines.append(f"  dispatches: {disp or 'none'}")
+    deliveries = report.get("deliveries", {})
+    lines.append(
+        f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
+        f"unconfirmed {deliveries.get('unconfirmed', 0)}"
+    )
+    if waiting:
+        shown = len(report["retrying"])
+        lines.append(f"  waiting for retry ({waiting}; the {shown} soonest):")
+        for job in report["retrying"]:
+            where = f" to {job['destination']}" if job["destination"] else ""
+            lines.append(
+                f"    job {job['id']} {job['kind']}{where}: attempt "
+                f"{job['attempts']}/{job['max_attempts']} failed; next try "
+                f"{job['next_attempt']} (in {max(0, job['next_attempt_in_s'])} s): "
+                f"{job['last_error']}"
+            )
+    if report["dead_letters"]:
+        lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
+        for dead in report["dead_letters"]:
+            lines.append(f"    job {dead['id']} {dead['kind']}: {dead['last_error']}")
     lines.append(f"  spool {report['spool_dir']}: {_human_bytes(report['spool_free_bytes'])} free")
     for dest in report["destinations"]:
         lines.append(

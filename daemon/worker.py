@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from daemon.config import Settings
 from daemon.context import WorkerContext
-from daemon.db import queue
+from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
 from daemon.lifeline import watch_parent
 from daemon.logsetup import kv, setup_logging
@@ -179,7 +179,7 @@ def _utc(moment: dt.datetime) -> str:
 
 def make_context(settings: Settings, name: str) -> WorkerContext:
     """A worker's database, spool and models, loaded once."""
-    engine = make_engine(settings.storage.effective_database_url, pool_size=2)
+    engine = make_engine(settings.storage.effective_database_url, pool_size=2, create=False)
     ctx = WorkerContext(
         settings=settings,
         engine=engine,
@@ -249,7 +249,11 @@ def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, le
 
 
 def run_standalone(settings: Settings) -> int:
-    """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
+    """`pacs-ai worker`: the same loop in the foreground, for extra hosts.
+
+    Like serve, it refuses a database that is missing or not at head (one line from the CLI).
+    """
+    migrate.open_at_head(settings.storage.effective_database_url).dispose()
     _serve_jobs(settings, "standalone", lambda: None)
     return 0
 

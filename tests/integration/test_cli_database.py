@@ -20,6 +20,7 @@ from tests.peers import free_port
 
 DATABASE_COMMANDS = [
     ("status", "--no-echo"),
+    ("worker",),
     ("jobs", "list"),
     ("jobs", "show", "1"),
     ("jobs", "retry", "1"),
