@@ -241,9 +241,8 @@ def _context_or_exit(settings: Settings, name: str) -> WorkerContext:
 
 
 def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, level: str) -> None:
-    """Entry point of a spawned pool worker; it stops as on SIGTERM when `serve` is gone."""
+    """Entry point of a spawned pool worker."""
     setup_logging(level)
-    watch_parent(functools.partial(os.kill, os.getpid(), signal.SIGTERM))
     # The parent is told after "worker ready" is logged, so the line precedes READY=1.
     _serve_jobs(Settings(**settings_data), f"w{index}", ready.set, worker=index)
 
@@ -262,9 +261,11 @@ def _serve_jobs(
     settings: Settings, name: str, on_ready: Callable[[], None], **labels: Any
 ) -> None:
     """Yield the CPU to the receiver, load the models, say so, then run jobs until stopped."""
-    os.nice(settings.workers.nice)  # before TensorFlow starts its threads: they inherit it
+    os.nice(settings.workers.nice)  # before any thread starts (TensorFlow's): they inherit it
     stopping = threading.Event()
     _install_signals(stopping)
+    # A pool worker stops as on SIGTERM once `serve` is gone (even killed); standalone: no-op.
+    watch_parent(functools.partial(os.kill, os.getpid(), signal.SIGTERM))
     ctx = _context_or_exit(settings, name)
     handlers = load_handlers()
     log.info("worker ready", extra=kv(**labels, owner=ctx.owner))
