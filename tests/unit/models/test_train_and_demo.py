@@ -1,6 +1,7 @@
 """Training writes a trustworthy model folder; the demo is reproducible and clearly not clinical."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,17 @@ def test_train_command_trains_an_lstm_on_an_existing_cnn(quick_demo: DemoResult,
     manifest = load_manifest(out)
     assert manifest.embedding_model == "demo-cnn" and manifest.embedding_width == 512
     assert manifest.validation is not None and manifest.validation.validation_patients >= 2
+
+
+def test_training_into_a_log_writes_one_line_per_epoch_and_no_progress_frames(
+    quick_demo: DemoResult, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The first `make run` logged ~70 KB of redrawn progress bars; captured stderr is no tty.
+    assert train_command(
+        quick_demo.data_dir, quick_demo.labels_csv, "cnn", tmp_path / "m", epochs=2, input_size=24
+    ) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    epochs = [line for line in err.splitlines() if line.startswith("training cnn: epoch ")]
+    assert [line.split()[3] for line in epochs] == ["1/2", "2/2"]
+    assert all(re.search(r"loss \d+\.\d{4} accuracy \d\.\d{3}$", line) for line in epochs)
