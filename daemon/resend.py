@@ -16,7 +16,8 @@ from sqlalchemy import Connection, Engine, Row, func, select
 
 from daemon.config import Settings
 from daemon.db import audit
-from daemon.db.outbox import PENDING, add_dispatch, send_again
+from daemon.db.deliveries import PENDING
+from daemon.db.outbox import add_dispatch, send_again
 from daemon.db.schema import REPORT_KIND_NAMES, Dispatch, Report, Study
 
 

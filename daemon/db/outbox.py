@@ -9,10 +9,9 @@ from __future__ import annotations
 from sqlalchemy import Connection, insert, update
 
 from daemon.db import queue
+from daemon.db.deliveries import PENDING
 from daemon.db.keys import DISPATCH, dispatch_key
 from daemon.db.schema import Dispatch, utcnow
-
-PENDING = "pending"
 
 
 def add_dispatch(
