@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -13,8 +14,9 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import __version__
-from daemon.config import ConfigError, Settings, dump_settings, load_settings
-from daemon.db.schema import JobState
+from daemon.config import ConfigError, Settings, config_file, dump_settings, load_settings
+from daemon.db.engine import DatabaseMissing, DatabaseNotAtHead
+from daemon.db.schema import DispatchState, JobState
 from daemon.logsetup import LEVELS, setup_logging
 
 EXIT_OK = 0
@@ -89,10 +91,9 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from daemon.db import audit
-    from daemon.db.engine import make_engine
+    from daemon.db import audit, migrate
 
-    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(_settings(args).storage.effective_database_url)
     try:
         with engine.connect() as conn:
             check = audit.verify(conn)
@@ -103,10 +104,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_results_compare(args: argparse.Namespace) -> int:
-    from daemon.db.engine import make_engine
+    from daemon.db import migrate
     from daemon.governance import compare, render_comparison
 
-    engine = make_engine(_settings(args).storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(_settings(args).storage.effective_database_url)
     try:
         with engine.connect() as conn:
             comparison = compare(conn, args.model_a, args.model_b)
@@ -119,12 +120,12 @@ def cmd_results_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from daemon.db.engine import make_engine
+    from daemon.db import migrate
     from daemon.governance import ReplayRefused, check_replayable, known_models, replay
 
     settings = _settings(args)
     models = [args.model] if args.model else []
-    engine = make_engine(settings.storage.effective_database_url, pool_size=1)
+    engine = migrate.open_at_head(settings.storage.effective_database_url)
     try:
         check_replayable(engine, args.study_uid)
         known = known_models(settings.models.dir) if models else None
@@ -146,6 +147,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reports_send(args: argparse.Namespace) -> int:
+    from daemon.db import migrate
+    from daemon.resend import NothingToSend, send_reports
+
+    settings = _settings(args)
+    engine = migrate.open_at_head(settings.storage.effective_database_url)
+    try:
+        queued = send_reports(engine, settings, args.to, study_uid=args.study, since=args.since)
+    except NothingToSend as exc:
+        raise CommandFailed(str(exc)) from exc
+    finally:
+        engine.dispose()
+    for item in queued:
+        print(item)
+    fresh = sum(1 for item in queued if item.was != DispatchState.PENDING)
+    print(f"{fresh} of {len(queued)} reports queued for {args.to} (see `pacs-ai status`)")
+    return EXIT_OK
+
+
+def _utc_date(text: str) -> dt.datetime:
+    """`2026-11-30` or `2026-11-30T08:00`, taken as UTC unless it names its offset."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (e.g. 2026-11-30)") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from daemon.db import migrate
     from daemon.db.engine import make_engine
@@ -162,7 +191,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(dump_settings(settings), end="")
+    print(dump_settings(settings, config_file(args.config)), end="")
+    return EXIT_OK
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from daemon.receive.conformance import conformance_markdown
+
+    print(conformance_markdown(sop_classes=args.sop_classes), end="")
     return EXIT_OK
 
 
@@ -241,7 +277,12 @@ def cmd_http_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; each leaf sets `func`."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=None, help="TOML file ($PACSAI_CONFIG)")
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file (default: $PACSAI_CONFIG, else /etc/pacs-ai/pacs-ai.toml if it exists)",
+    )
     common.add_argument("--log-level", choices=LEVELS, default=None, help="default: info")
 
     parser = argparse.ArgumentParser(
@@ -267,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "status", cmd_status, "queue, spool and destinations at a glance")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-echo", action="store_true", help="skip the C-ECHO of destinations")
+    p = leaf(
+        sub,
+        "conformance",
+        cmd_conformance,
+        "the SOP classes and transfer syntaxes the receiver accepts (Markdown)",
+    )
+    p.add_argument("--sop-classes", action="store_true", help="list every storage SOP class")
     p = leaf(sub, "echo", cmd_echo, "C-ECHO a destination (QIDO-RS probe for DICOMweb)")
     p.add_argument("name")
 
@@ -302,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "replay", cmd_replay, "analyse a spooled study again; its SR supersedes")
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--model", metavar="NAME", default=None, help="only this model")
+
+    reports = sub.add_parser("reports", help="reports and their delivery").add_subparsers(
+        dest="reports_command", required=True, metavar="ACTION"
+    )
+    p = leaf(
+        reports,
+        "send",
+        cmd_reports_send,
+        "send a study's reports (or those written since a date) to a destination, "
+        "through the outbox and its retries",
+    )
+    p.add_argument("--to", required=True, metavar="NAME", help="a [[destinations]] name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="one study's latest reports")
+    which.add_argument(
+        "--since", metavar="DATE", type=_utc_date, help="every study reported since (UTC)"
+    )
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(
         dest="db_command", required=True, metavar="ACTION"
@@ -364,7 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # TensorFlow's C++ start-up chatter is not for operators; workers inherit this.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
+    except (DatabaseMissing, DatabaseNotAtHead) as exc:
+        _report(level, f"{exc}: {_upgrade_hint(args, exc)}")
+        return EXIT_FAILURE
     except ConfigError as exc:
         _report(level, f"configuration error: {exc}")
         return EXIT_USAGE
@@ -379,6 +451,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _upgrade_hint(args: argparse.Namespace, exc: Exception) -> str:
+    """The command that makes the database usable, with the configuration as it was given."""
+    command = "pacs-ai db upgrade" + (f" --config {args.config}" if args.config else "")
+    if isinstance(exc, DatabaseMissing):
+        return f"check storage.database_url, or create it with `{command}`"
+    return f"run `{command}`"
+
+
+def _closed_stdout() -> int:
+    """The reader went away (`pacs-ai jobs list | head`): stop quietly, as other tools do.
+
+    Python would report the broken pipe again when it flushes stdout at exit, so stdout is
+    pointed at /dev/null first.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -18,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     Tag,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -31,6 +34,8 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "PACSAI_CONFIG"
+# Read when neither --config nor $PACSAI_CONFIG names a file, if it exists (as the unit does).
+DEFAULT_CONFIG = Path("/etc/pacs-ai/pacs-ai.toml")
 # The environment load_settings was handed; None means os.environ.
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("pacsai_environ", default=None)
 
@@ -410,7 +415,10 @@ _DESTINATION_TAGS = ("dimse", "dicomweb")
 
 
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    """The first problem as `field: problem`; an unknown key first, since a misspelt key
+    is what makes the key it was meant to be "required"."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     parts = list(first["loc"])
     if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in _DESTINATION_TAGS:
         del parts[2]
@@ -419,8 +427,69 @@ def _format_error(err: ValidationError) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(first["loc"])
     return f"{loc}: {msg}"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """` (did you mean ae_title?)` for a key close to one its table knows, else empty."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return ""
+        model = _model_in(field.annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model class inside `Model`, `Model | None` or `list[Model]`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# A TOML value of the wrong kind: refused as written, even where pydantic could convert it
+# (`port = "4343"`). Environment variables are text, so only the file is held to this.
+_TOML_KINDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+_PYTHON_TO_TOML = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+                   list: "an array", dict: "a table"}
+
+
+def _check_file_types(data: dict[str, Any]) -> None:
+    """Raise ConfigError for the first value in the file whose TOML type is not the field's."""
+    for section, value in data.items():
+        field = Settings.model_fields.get(section)
+        if field is None:
+            continue  # the model reports the unknown key
+        try:
+            TypeAdapter(field.annotation).validate_python(value, strict=True)
+        except ValidationError as exc:
+            for error in exc.errors():
+                if error["type"] in _TOML_KINDS:
+                    loc = ".".join(str(part) for part in (section, *error["loc"]))
+                    given = _PYTHON_TO_TOML.get(type(error["input"]), "something else")
+                    raise ConfigError(
+                        f"{loc}: must be {_TOML_KINDS[error['type']]}, not {given} "
+                        f"({json.dumps(error['input'], default=str)})"
+                    ) from exc
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -436,12 +505,30 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
 
 
-def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Build the settings from `path` (or $PACSAI_CONFIG, or defaults) plus the environment."""
+def config_file(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    default: Path = DEFAULT_CONFIG,
+) -> Path | None:
+    """The file to read: `path`, else $PACSAI_CONFIG, else `default` if it exists, else none."""
     env = os.environ if environ is None else environ
-    if path is None and env.get(CONFIG_ENV):
-        path = Path(env[CONFIG_ENV])
+    if path is not None:
+        return path
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return default if default.is_file() else None
+
+
+def load_settings(
+    path: Path | None = None,
+    environ: dict[str, str] | None = None,
+    default: Path = DEFAULT_CONFIG,
+) -> Settings:
+    """Build the settings from `config_file(...)` (or defaults) plus the environment."""
+    env = os.environ if environ is None else environ
+    path = config_file(path, env, default)
     data = read_toml(path) if path is not None else {}
+    _check_file_types(data)
     token = _ENVIRON.set(env)
     try:
         return Settings(**data)
@@ -451,29 +538,53 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         _ENVIRON.reset(token)
 
 
-def dump_settings(settings: Settings) -> str:
-    """The effective configuration as TOML-like text for `config check`."""
+def dump_settings(settings: Settings, source: Path | None = None) -> str:
+    """The effective configuration as TOML-like text for `config check`; `source` is the
+    file it was read from (None: defaults and environment only)."""
     data = settings.model_dump(mode="json")
-    lines: list[str] = [f"# database: {settings.storage.effective_database_url}"]
+    lines: list[str] = [
+        f"# file: {source if source is not None else 'none (defaults and PACSAI_* only)'}",
+        f"# database: {settings.storage.effective_database_url}",
+    ]
     for section, value in data.items():
         if section in ("destinations", "sources"):
             for dest in value:
                 lines.append(f"\n[[{section}]]")
-                lines.extend(_toml_pairs(dest))
+                lines.extend(_toml_pairs(dest, {}))
         elif isinstance(value, dict):
             tables = value.pop("tokens", []) if section == "http" else []
             lines.append(f"\n[{section}]")
-            lines.extend(_toml_pairs(value))
+            explained = {"early_seconds": _early_line(settings.assembly)}
+            lines.extend(_toml_pairs(value, explained if section == "assembly" else {}))
             for table in tables:
                 lines.append(f"\n[[{section}.tokens]]")
-                lines.extend(_toml_pairs(table))
+                lines.extend(_toml_pairs(table, {}))
     return "\n".join(lines) + "\n"
 
 
-def _toml_pairs(table: dict[str, Any]) -> list[str]:
+def _early_line(assembly: AssemblySettings) -> str:
+    """`early_seconds` as it takes effect, and why (it depends on quiet_seconds when unset)."""
+    effective = assembly.early_analysis_seconds
+    value = json.dumps(effective if effective is not None else 0)
+    if assembly.early_seconds is None and effective is not None:
+        why = f"not set: the default {DEFAULT_EARLY_SECONDS:g} s, shorter than quiet_seconds"
+    elif assembly.early_seconds is None:
+        why = (f"not set, and quiet_seconds ({assembly.quiet_seconds:g}) is not longer than "
+               f"the default {DEFAULT_EARLY_SECONDS:g} s: early analysis off")
+    elif effective is None:
+        why = "early analysis off"
+    else:
+        why = "as set"
+    return f"early_seconds = {value}  # {why}"
+
+
+def _toml_pairs(table: dict[str, Any], explained: dict[str, str]) -> list[str]:
+    """`key = value` lines; a key in `explained` gets that line instead."""
     out = []
     for key, val in table.items():
-        if val is None:
+        if key in explained:
+            out.append(explained[key])
+        elif val is None:
             out.append(f"# {key} = (not set)")
         elif isinstance(val, dict):
             inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in val.items() if v is not None)

@@ -30,6 +30,31 @@ def _render(value: Any) -> str:
     return text
 
 
+# What pynetdicom logs, at ERROR and over several lines, when an association we request is
+# refused, aborted or never connects. Our callers turn that outcome into a value and report
+# it once, in a line of their own that names the destination (`daemon.dispatch.scu`).
+_REQUEST_FAILURE_LOGGERS = frozenset({"pynetdicom.transport", "pynetdicom.acse"})
+_REQUEST_FAILURE_LINES = (
+    "Association request failed",
+    "TCP Initialisation Error",
+    "Association Rejected",
+    "Result: ",
+    "Reason: ",
+    "Association Aborted",
+    "No accepted presentation contexts",
+    "ACSE timeout reached while waiting for response to association request",
+)
+
+
+class _RequestFailureFilter(logging.Filter):
+    """Drop pynetdicom's lines about an association we asked for and did not get."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in _REQUEST_FAILURE_LOGGERS or record.levelno < logging.WARNING:
+            return True
+        return not str(record.msg).startswith(_REQUEST_FAILURE_LINES)
+
+
 class LineFormatter(logging.Formatter):
     """`TIME LEVEL logger message k=v ...`, or `<prio>logger message k=v` under journald."""
 
@@ -60,6 +85,8 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(LineFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    if level != "debug":
+        handler.addFilter(_RequestFailureFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     quiet_libraries(level)

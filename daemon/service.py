@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, select
@@ -17,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon.assemble import Assembler
 from daemon.config import Settings
 from daemon.db import migrate, queue
-from daemon.db.engine import make_engine
+from daemon.db.engine import DatabaseMissing, DatabaseNotAtHead, make_engine
 from daemon.db.schema import Job, JobState
 from daemon.http import HttpService, HttpStartError
 from daemon.logsetup import kv
@@ -29,6 +30,7 @@ from daemon.metrics import (
     metrics_registry,
     serve_metrics,
 )
+from daemon.ports import Listen, PortUnavailable, binding, probe
 from daemon.receive import Receiver, warn_if_open
 from daemon.retention import schedule as schedule_retention
 from daemon.sdnotify import Notifier, watchdog_interval
@@ -56,12 +58,21 @@ class StartupError(Exception):
     """The service cannot start; the message names the cause for one log line."""
 
 
+class StartupInterrupted(BaseException):
+    """SIGTERM or SIGINT while starting: raised where the main thread is, to unwind start-up.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it.
+    """
+
+
 class _Signals:
-    """First SIGTERM/SIGINT: drain; a second: stop at once."""
+    """While starting, the first SIGTERM/SIGINT interrupts start-up; once serving, the first
+    drains and a second stops at once."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.at_once = threading.Event()
+        self.starting = True
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -70,21 +81,20 @@ class _Signals:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.stop.is_set():
             self.at_once.set()
+        first = not self.stop.is_set()
         self.stop.set()
+        if first and self.starting:
+            raise StartupInterrupted(signal.Signals(signum).name)
 
 
 def check_database(engine: Engine) -> None:
-    """Refuse to serve on a database that is unreachable or not at this code's schema."""
+    """Refuse to serve on a database that is missing, unreachable or not at this code's schema."""
     try:
-        current = migrate.current_revision(engine)
+        migrate.require_head(engine)
     except SQLAlchemyError as exc:
         raise StartupError(f"database unreachable: {str(exc.orig or exc).strip()}") from exc
-    head = migrate.head_revision()
-    if current != head:
-        raise StartupError(
-            f"database at revision {current or 'none'}, this version needs {head}: "
-            "run `pacs-ai db upgrade`"
-        )
+    except (DatabaseMissing, DatabaseNotAtHead) as exc:
+        raise StartupError(f"{exc}: run `pacs-ai db upgrade`") from exc
 
 
 class Service:
@@ -93,7 +103,7 @@ class Service:
     def __init__(self, settings: Settings, log_level: str = "info") -> None:
         self.settings = settings
         self.notifier = Notifier()
-        self.engine = make_engine(settings.storage.effective_database_url)
+        self.engine = make_engine(settings.storage.effective_database_url, create=False)
         self.spool = Spool(settings.storage.spool_dir)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.assembler = Assembler(self.engine, settings, self.scheduler)
@@ -117,9 +127,26 @@ class Service:
             if settings.http.port
             else None
         )
+        self._metrics_server: Any = None
+
+    def listens(self) -> list[Listen]:
+        """Every address this service will listen on, named by its setting."""
+        dicom, metrics, http = self.settings.dicom, self.settings.metrics, self.settings.http
+        listens = [Listen("dicom.port", dicom.bind, dicom.port)]
+        if metrics.port:
+            listens.append(Listen("metrics.port", metrics.bind, metrics.port))
+        if http.port:
+            listens.append(Listen("http.port", http.bind, http.port))
+        return listens
 
     def start(self) -> None:
-        """Bring every part up; READY=1 only once all of them are."""
+        """Bring every part up; READY=1 only once all of them are.
+
+        The ports are tried first, so a taken one stops the start within a second, before
+        any worker loads a model.
+        """
+        listens = {listen.setting: listen for listen in self.listens()}
+        probe(listens.values())
         check_database(self.engine)
         try:
             self.spool.prepare()
@@ -141,13 +168,18 @@ class Service:
                 f"workers could not load the models in {self.settings.models.dir} "
                 "(the worker's log line names the file and field)"
             )
-        self.receiver.start()
-        registry = self._start_metrics()
-        if self.http is not None:
+        with binding(listens["dicom.port"]):
             try:
-                self.http.start(registry)
-            except HttpStartError as exc:
+                self.receiver.start()
+            except RuntimeError as exc:  # a receiver process that died starting
                 raise StartupError(str(exc)) from exc
+        registry = self._start_metrics(listens.get("metrics.port"))
+        if self.http is not None:
+            with binding(listens["http.port"]):
+                try:
+                    self.http.start(registry)
+                except HttpStartError as exc:
+                    raise StartupError(str(exc)) from exc
         self._echo_destinations()
         log.info(
             "serving",
@@ -161,7 +193,7 @@ class Service:
         self._serving.set()
         self.notifier.ready(self.status_line())
 
-    def _start_metrics(self) -> object:
+    def _start_metrics(self, listen: Listen | None) -> object:
         """The registry /metrics exposes; served on `[metrics]` too unless its port is 0."""
 
         def counts() -> dict[str, dict[str, int]]:
@@ -175,9 +207,10 @@ class Service:
         registry = metrics_registry(
             QueueCollector(counts, oldest, self.spool.free_bytes), self.metrics
         )
-        if self.settings.metrics.port:
-            serve_metrics(self.settings.metrics.bind, self.settings.metrics.port, registry)
-            log.info("metrics served", extra=kv(port=self.settings.metrics.port))
+        if listen is not None:
+            with binding(listen):
+                self._metrics_server = serve_metrics(listen.bind, listen.port, registry)
+            log.info("metrics served", extra=kv(port=listen.port))
         return registry
 
     def _reap(self) -> None:
@@ -271,23 +304,66 @@ class Service:
             self.http.stop(drain)
         self.receiver.stop(max(0.0, drain - (time.monotonic() - started)))
         self.pool.stop(0.0 if signals.at_once.is_set() else drain)
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    def abandon_start(self) -> None:
+        """Undo a start that failed or was interrupted: no worker, thread or port is left.
+
+        Worker processes are not daemonic (they must finish a job on a warm stop), so one
+        left running would also keep this process from exiting.
+        """
+        self.pool.stop(0.0, at_once=True)
+        if self.http is not None:
+            self.http.stop(0.0)
+        if self.receiver.alive():
+            self.receiver.stop(0.0)
+        self._stop_metrics()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.engine.dispose()
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:
-    """Run until SIGTERM; 0 on a clean stop, 1 when the service could not start."""
+    """Run until SIGTERM; 0 on a clean stop (one during start-up too), 1 when it cannot start."""
     signals = _Signals()
     signals.install()
     metrics_dir = enable_multiprocess()
     try:
-        service = Service(settings, log_level)
-        try:
-            service.start()
-        except StartupError as exc:
-            log.error("cannot start", extra=kv(reason=str(exc)))
-            service.pool.stop(0.0, at_once=True)
-            return 1
+        service = _start(settings, log_level, signals)
+        if service is None:
+            return 0
         service.run_until_stopped(signals)
         service.stop(signals)
         return 0
+    except (StartupError, PortUnavailable) as exc:
+        log.error("cannot start", extra=kv(reason=str(exc)))
+        return 1
     finally:
         cleanup_multiprocess(metrics_dir)
+
+
+def _start(settings: Settings, log_level: str, signals: _Signals) -> Service | None:
+    """The started service, or None when a signal stopped the start; whatever the start
+    had begun (workers, threads, ports) is undone before an error leaves here."""
+    service: Service | None = None
+    try:
+        service = Service(settings, log_level)
+        service.start()
+        signals.starting = False
+        return service
+    except StartupInterrupted as exc:
+        signals.starting = False
+        log.info("stopped while starting", extra=kv(signal=str(exc)))
+        if service is not None:
+            service.abandon_start()
+        return None
+    except BaseException:
+        signals.starting = False
+        if service is not None:
+            service.abandon_start()
+        raise

@@ -13,8 +13,8 @@ from daemon import __version__
 from daemon.config import DicomWebDestination, Settings
 from daemon.db import audit, migrate, queue
 from daemon.db.deliveries import VERIFY_NONE
-from daemon.db.engine import make_engine
 from daemon.db.schema import (
+    REPORT_KIND_NAMES,
     ClosedVersion,
     Dispatch,
     DispatchState,
@@ -29,7 +29,8 @@ from daemon.db.schema import (
 
 
 def _engine(settings: Settings) -> Engine:
-    return make_engine(settings.storage.effective_database_url, pool_size=1)
+    """The configured database, which must exist and be at head: nothing here creates it."""
+    return migrate.open_at_head(settings.storage.effective_database_url)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -65,6 +66,26 @@ def _spool_free(settings: Settings) -> int | None:
         return None
 
 
+def _retrying_row(job: Any) -> dict[str, Any]:
+    """A job waiting for its next try: what it is, where it goes, when, and why it failed."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "key": job.key,
+        "destination": (job.payload or {}).get("destination"),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "next_attempt": _utc(job.run_after).isoformat(timespec="seconds"),
+        "next_attempt_in_s": round((_utc(job.run_after) - utcnow()).total_seconds()),
+        "last_error": job.last_error,
+    }
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """A stored time as aware UTC (SQLite hands it back naive)."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def _database_status(conn: Connection) -> dict[str, Any]:
     def count(col: Any, *where: Any) -> int:
         return int(conn.execute(select(func.count(col)).where(*where)).scalar_one())
@@ -75,12 +96,15 @@ def _database_status(conn: Connection) -> dict[str, Any]:
     dead = conn.execute(
         select(Job).where(Job.state == JobState.DEAD).order_by(Job.updated_at.desc()).limit(10)
     ).all()
+    waiting, soonest = queue.waiting_for_retry(conn)
     return {
         "studies": count(Study.id),
         "instances": count(Instance.id, Instance.superseded_at.is_(None)),
         "reports": count(Report.id),
         "jobs": queue.counts_by_kind_and_state(conn),
         "oldest_queued_age_s": queue.oldest_queued_age(conn),
+        "waiting_for_retry": waiting,
+        "retrying": [_retrying_row(j) for j in soonest],
         "dispatches": {k: int(v) for k, v in dispatches.items()},
         "last_instance_received": _iso(
             conn.execute(select(func.max(Instance.received_at))).scalar_one()
@@ -115,12 +139,11 @@ def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
             "version": __version__,
             "database": engine.url.render_as_string(hide_password=True),
             "schema_revision": revision,
-            "schema_at_head": revision == migrate.head_revision(),
+            "schema_at_head": True,  # `_engine` refuses any other database
         }
-        if revision is not None:
-            with engine.connect() as conn:
-                report.update(_database_status(conn))
-                report["deliveries"] = _delivery_counts(conn, settings)
+        with engine.connect() as conn:
+            report.update(_database_status(conn))
+            report["deliveries"] = _delivery_counts(conn, settings)
     finally:
         engine.dispose()
     report["spool_dir"] = str(settings.storage.spool_dir)
@@ -161,36 +184,44 @@ def _human_bytes(n: int | None) -> str:
 def render_status(report: dict[str, Any]) -> str:
     """A short table a person reads at a glance."""
     lines = [f"pacs-ai {report['version']}   database {report['database']}"]
-    if not report.get("schema_at_head"):
-        lines.append(
-            f"  schema: {report.get('schema_revision') or 'empty'} (run `pacs-ai db upgrade`)"
-        )
-    if "studies" in report:
-        lines.append(
-            f"  studies {report['studies']}   instances {report['instances']}   "
-            f"reports {report['reports']}"
-        )
-        age = report["oldest_queued_age_s"]
-        lines.append(
-            f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}   "
-            f"last instance: {report['last_instance_received'] or 'never'}   "
-            f"last SR delivered: {report['last_sr_delivered'] or 'never'}"
-        )
-        lines.append("  jobs:")
-        for kind, states in sorted(report["jobs"].items()):
-            text = "  ".join(f"{s} {n}" for s, n in sorted(states.items()))
-            lines.append(f"    {kind:<10} {text}")
-        disp = "  ".join(f"{s} {n}" for s, n in sorted(report["dispatches"].items()))
-        lines.append(f"  dispatches: {disp or 'none'}")
-        deliveries = report.get("deliveries", {})
-        lines.append(
-            f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
-            f"unconfirmed {deliveries.get('unconfirmed', 0)}"
-        )
-        if report["dead_letters"]:
-            lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
-            for dead in report["dead_letters"]:
-                lines.append(f"    job {dead['id']} {dead['kind']}: {dead['last_error']}")
+    lines.append(
+        f"  studies {report['studies']}   instances {report['instances']}   "
+        f"reports {report['reports']}"
+    )
+    age = report["oldest_queued_age_s"]
+    waiting = report["waiting_for_retry"]
+    lines.append(
+        f"  oldest queued job: {'none' if age is None else f'{age:.0f} s'}"
+        f"{f' ({waiting} waiting for retry)' if waiting else ''}   "
+        f"last instance: {report['last_instance_received'] or 'never'}   "
+        f"last SR delivered: {report['last_sr_delivered'] or 'never'}"
+    )
+    lines.append("  jobs:")
+    for kind, states in sorted(report["jobs"].items()):
+        text = "  ".join(f"{s} {n}" for s, n in sorted(states.items()))
+        lines.append(f"    {kind:<10} {text}")
+    disp = "  ".join(f"{s} {n}" for s, n in sorted(report["dispatches"].items()))
+    lines.append(f"  dispatches: {disp or 'none'}")
+    deliveries = report.get("deliveries", {})
+    lines.append(
+        f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
+        f"unconfirmed {deliveries.get('unconfirmed', 0)}"
+    )
+    if waiting:
+        shown = len(report["retrying"])
+        lines.append(f"  waiting for retry ({waiting}; the {shown} soonest):")
+        for job in report["retrying"]:
+            where = f" to {job['destination']}" if job["destination"] else ""
+            lines.append(
+                f"    job {job['id']} {job['kind']}{where}: attempt "
+                f"{job['attempts']}/{job['max_attempts']} failed; next try "
+                f"{job['next_attempt']} (in {max(0, job['next_attempt_in_s'])} s): "
+                f"{job['last_error']}"
+            )
+    if report["dead_letters"]:
+        lines.append(f"  dead letters ({len(report['dead_letters'])} shown):")
+        for dead in report["dead_letters"]:
+            lines.append(f"    job {dead['id']} {dead['kind']}: {dead['last_error']}")
     lines.append(f"  spool {report['spool_dir']}: {_human_bytes(report['spool_free_bytes'])} free")
     for dest in report["destinations"]:
         lines.append(
@@ -261,19 +292,7 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
                 study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
                 out["study_uid"] = study.study_uid
                 out.update(_closed(conn, job.study_id, job.payload.get("study_version")))
-                rows = conn.execute(
-                    select(
-                        Report.sop_instance_uid,
-                        Report.study_version,
-                        Dispatch.destination,
-                        Dispatch.state.label("dispatch_state"),
-                        Dispatch.last_status,
-                    )
-                    .join(Dispatch, Dispatch.report_id == Report.id, isouter=True)
-                    .where(Report.study_id == job.study_id)
-                    .order_by(Report.id)
-                ).all()
-                out["reports"] = [dict(row._mapping) for row in rows]
+                out["reports"] = _study_reports(conn, job.study_id)
             return out
     finally:
         engine.dispose()
@@ -295,6 +314,55 @@ def _closed(conn: Connection, study_id: int, version: Any) -> dict[str, Any]:
         "closed_at": _iso(row.closed_at),
         "closed_detail": row.detail,
     }
+def _study_reports(conn: Connection, study_id: int) -> list[dict[str, Any]]:
+    """Every report of the study (SR or heatmap, where its file is) and its deliveries."""
+    reports = conn.execute(
+        select(
+            Report.id,
+            Report.kind,
+            Report.sop_instance_uid,
+            Report.study_version,
+            Report.path,
+            Report.created_at,
+        )
+        .where(Report.study_id == study_id)
+        .order_by(Report.id)
+    ).all()
+    dispatches = conn.execute(
+        select(
+            Dispatch.report_id,
+            Dispatch.id,
+            Dispatch.destination,
+            Dispatch.state,
+            Dispatch.attempts,
+            Dispatch.last_status,
+            Dispatch.sent_at,
+        )
+        .where(Dispatch.report_id.in_([r.id for r in reports]))
+        .order_by(Dispatch.id)
+    ).all()
+    return [
+        {
+            "kind": REPORT_KIND_NAMES.get(r.kind, r.kind),
+            "sop_instance_uid": r.sop_instance_uid,
+            "study_version": r.study_version,
+            "path": r.path,
+            "created_at": _iso(r.created_at),
+            "deliveries": [
+                {
+                    "dispatch": d.id,
+                    "destination": d.destination,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "sent_at": _iso(d.sent_at),
+                }
+                for d in dispatches
+                if d.report_id == r.id
+            ],
+        }
+        for r in reports
+    ]
 
 
 def render_job_detail(job: dict[str, Any]) -> str:
@@ -305,9 +373,17 @@ def render_job_detail(job: dict[str, Any]) -> str:
         lines.append(f"  result {r['model']} {r['level']} {where}: {value}")
     for rep in job.get("reports", []):
         lines.append(
-            f"  report {rep['sop_instance_uid']} v{rep['study_version']} -> "
-            f"{rep['destination']}: {rep['dispatch_state']} {rep['last_status'] or ''}"
+            f"  report {rep['kind']} {rep['sop_instance_uid']} v{rep['study_version']} "
+            f"{rep['path']}"
         )
+        for d in rep["deliveries"]:
+            status = f": {d['last_status']}" if d["last_status"] else ""
+            lines.append(
+                f"    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
+                f"{status}"
+            )
+        if not rep["deliveries"]:
+            lines.append("    -> no destination (see `pacs-ai reports send`)")
     return "\n".join(lines)
 
 

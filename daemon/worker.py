@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import gc
 import logging
@@ -21,10 +22,11 @@ from sqlalchemy.exc import OperationalError
 
 from daemon.config import Settings
 from daemon.context import JobHandler, WorkerContext
-from daemon.db import queue
+from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
 from daemon.db.keys import ANALYSE, COMMITMENT_REPORT, DISPATCH, EMBED, REPORT, VERIFY
 from daemon.db.schema import JobState
+from daemon.lifeline import watch_parent
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.spool import Spool
@@ -156,21 +158,35 @@ def _record_failure(
     # Stages mark failures that no retry can mend with `retryable = False`.
     permanent = getattr(exc, "retryable", True) is False
     state = queue.fail(ctx.engine, job.id, ctx.owner, error, ctx.policy, permanent=permanent)
-    level = logging.ERROR if state == JobState.DEAD else logging.WARNING
-    log.log(
-        level,
-        "job failed",
-        exc_info=exc,
-        extra=kv(
-            job=job.id, kind=job.kind, attempt=job.attempts, now=state or "lost", error=error[:300]
-        ),
-    )
+    # One line per attempt, saying where it was going and when it is tried again.
+    fields: dict[str, Any] = {"job": job.id, "kind": job.kind}
+    if "destination" in job.payload:
+        fields["destination"] = job.payload["destination"]
+    fields["attempt"] = f"{job.attempts}/{job.max_attempts}"
+    if state == JobState.QUEUED:
+        next_try = queue.next_attempt_at(ctx.engine, job.id)
+        fields["next_try"] = _utc(next_try) if next_try else "now"
+    fields["error"] = error[:300]
+    trace = exc if log.isEnabledFor(logging.DEBUG) else None  # `error` says it otherwise
+    if state == JobState.DEAD:
+        log.error("job failed, giving up", exc_info=trace, extra=kv(**fields))
+    elif state == JobState.QUEUED:
+        log.warning("job failed, will retry", exc_info=trace, extra=kv(**fields))
+    else:
+        log.warning("job failed after its lease was lost", exc_info=trace, extra=kv(**fields))
     handler.failed(ctx, job, state, error)
+
+
+def _utc(moment: dt.datetime) -> str:
+    """A timestamp for a log line, in UTC like the line's own time."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def make_context(settings: Settings, name: str) -> WorkerContext:
     """A worker's database, spool and models, loaded once."""
-    engine = make_engine(settings.storage.effective_database_url, pool_size=2)
+    engine = make_engine(settings.storage.effective_database_url, pool_size=2, create=False)
     ctx = WorkerContext(
         settings=settings,
         engine=engine,
@@ -241,7 +257,11 @@ def worker_process(settings_data: dict[str, Any], index: int, ready: MpEvent, le
 
 
 def run_standalone(settings: Settings) -> int:
-    """`pacs-ai worker`: the same loop in the foreground, for extra hosts."""
+    """`pacs-ai worker`: the same loop in the foreground, for extra hosts.
+
+    Like serve, it refuses a database that is missing or not at head (one line from the CLI).
+    """
+    migrate.open_at_head(settings.storage.effective_database_url).dispose()
     _serve_jobs(settings, "standalone", lambda: None)
     return 0
 
@@ -250,9 +270,11 @@ def _serve_jobs(
     settings: Settings, name: str, on_ready: Callable[[], None], **labels: Any
 ) -> None:
     """Yield the CPU to the receiver, load the models, say so, then run jobs until stopped."""
-    os.nice(settings.workers.nice)  # before TensorFlow starts its threads: they inherit it
+    os.nice(settings.workers.nice)  # before any thread starts (TensorFlow's): they inherit it
     stopping = threading.Event()
     _install_signals(stopping)
+    # A pool worker stops as on SIGTERM once `serve` is gone (even killed); standalone: no-op.
+    watch_parent(functools.partial(os.kill, os.getpid(), signal.SIGTERM))
     ctx = _context_or_exit(settings, name)
     handlers = load_handlers()
     log.info("worker ready", extra=kv(**labels, owner=ctx.owner))

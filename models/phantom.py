@@ -69,24 +69,125 @@ def _plan_lesion(rng: np.random.Generator, slices: int, rows: int, cols: int) ->
     )
 
 
+@dataclass(frozen=True)
+class _Blob:
+    """An ellipse of one density: centre and half-axes in pixels, HU."""
+
+    x: float
+    y: float
+    ax: float
+    ay: float
+    hu: float
+
+    def mask(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        return ((xx - self.x) / self.ax) ** 2 + ((yy - self.y) / self.ay) ** 2 <= 1.0
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """Everything but the lesion, fixed for a series: a plain phantom, or a varied one.
+
+    Varied backgrounds (other zooms, outlines, fat, organs, spines, noise and stored
+    windows) are what the demo model trains on, so that "lesion" means a lesion and
+    not "a CT slice that looks unlike the plain phantom".
+    """
+
+    body: _Blob  # the outer ellipse; its HU is the soft tissue's
+    outline: tuple[tuple[float, float, float], ...] = ()  # (order, amplitude, phase) wobbles
+    tissue_level: float = 0.85  # soft tissue where the body's ellipse equation is below this
+    fat_hu: float = FAT_HU
+    spine: _Blob | None = None
+    inside: tuple[_Blob, ...] = ()  # organs, drawn in order
+    noise_hu: float = 12.0
+    smooth: bool = False
+    lesion_hu: float = LESION_HU
+    stored_window: tuple[float, float] = (40.0, 400.0)
+    signed: bool = False
+
+
+def _plain_anatomy(rng: np.random.Generator, rows: int, cols: int) -> _Anatomy:
+    """The original phantom: a fat-rimmed soft-tissue ellipse with a spine."""
+    ax, ay = cols * rng.uniform(0.36, 0.44), rows * rng.uniform(0.26, 0.34)
+    cx, cy = cols / 2.0, rows / 2.0
+    radius = 0.07 * min(rows, cols)
+    return _Anatomy(
+        body=_Blob(cx, cy, ax, ay, TISSUE_HU),
+        spine=_Blob(cx, cy + 0.6 * ay, radius, radius, BONE_HU),
+    )
+
+
+def _varied_anatomy(rng: np.random.Generator, rows: int, cols: int) -> _Anatomy:
+    """A normal background drawn at random: zoom, outline, fat, organs, spine, noise."""
+    size = float(min(rows, cols))
+    zoom = rng.uniform(0.8, 2.2)  # above ~1.3 the body runs off the image, as in a small FOV
+    ax, ay = cols * 0.40 * zoom * rng.uniform(0.85, 1.1), rows * 0.30 * zoom * rng.uniform(0.8, 1.2)
+    cx = cols / 2.0 + rng.uniform(-0.08, 0.08) * cols * zoom
+    cy = rows / 2.0 + rng.uniform(-0.08, 0.08) * rows * zoom
+    outline = tuple(
+        (float(order), rng.uniform(0.0, 0.06), rng.uniform(0.0, 2.0 * np.pi)) for order in (2, 3, 4)
+    )
+
+    def inner(reach: float, radius: tuple[float, float], hu: float, aspect: float = 1.4) -> _Blob:
+        angle, dist = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.0, reach)
+        r = rng.uniform(*radius) * size * zoom
+        return _Blob(cx + np.cos(angle) * dist * ax, cy + np.sin(angle) * dist * ay,
+                     r * rng.uniform(1.0, aspect), r * rng.uniform(1.0, aspect), hu)
+
+    # Nothing normal is a disc as dense as a lesion (125-155 HU): organs stay below 70 HU,
+    # and the only bone is the spine.
+    blobs = [inner(0.5, (0.08, 0.2), rng.uniform(-20.0, 70.0), 1.8)  # liver, spleen, kidney
+             for _ in range(rng.integers(0, 4))]
+    spine_r = rng.uniform(0.05, 0.09) * size * zoom
+    return _Anatomy(
+        body=_Blob(cx, cy, ax, ay, rng.uniform(20.0, 60.0)),
+        outline=outline,
+        tissue_level=rng.uniform(0.55, 0.92),
+        fat_hu=rng.uniform(-120.0, -80.0),
+        spine=_Blob(cx, cy + rng.uniform(0.5, 0.7) * ay, spine_r, spine_r * rng.uniform(0.8, 1.2),
+                    rng.uniform(400.0, 1000.0)) if rng.random() < 0.8 else None,
+        inside=tuple(blobs),
+        noise_hu=rng.uniform(4.0, 18.0),
+        smooth=bool(rng.random() < 0.5),
+        lesion_hu=rng.uniform(125.0, 155.0),
+        stored_window=[(40.0, 400.0), (50.0, 350.0), (-600.0, 1500.0), (400.0, 1800.0)][
+            int(rng.integers(0, 4))],
+        signed=bool(rng.random() < 0.5),
+    )
+
+
+def _smoothed(image: np.ndarray) -> np.ndarray:
+    """A 3x3 box blur: scanner noise is correlated, not independent per pixel."""
+    padded = np.pad(image, 1, mode="edge")
+    rows, cols = image.shape
+    return sum(padded[i:i + rows, j:j + cols] for i in range(3) for j in range(3)) / 9.0
+
+
 def _slice_hu(
-    rng: np.random.Generator, rows: int, cols: int, body: tuple[float, float], disc: float,
+    rng: np.random.Generator, rows: int, cols: int, anatomy: _Anatomy, disc: float,
     lesion: _Lesion | None,
 ) -> np.ndarray:
-    """One axial slice in HU: air, a fat-rimmed soft-tissue ellipse, a spine, maybe a lesion."""
+    """One axial slice in HU: air, a fat-rimmed soft-tissue body and what is in it, maybe a
+    lesion, and noise."""
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    cx, cy = cols / 2.0, rows / 2.0
-    ax, ay = body
-    ellipse = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
+    body = anatomy.body
+    dx, dy = (xx - body.x) / body.ax, (yy - body.y) / body.ay
+    ellipse = dx**2 + dy**2
+    if anatomy.outline:
+        theta = np.arctan2(dy, dx)
+        wobble = 1.0 + sum(a * np.cos(k * theta + phase) for k, a, phase in anatomy.outline)
+        ellipse = ellipse / wobble**2
     image = np.full((rows, cols), AIR_HU, dtype=np.float32)
-    image[ellipse <= 1.0] = FAT_HU
-    image[ellipse <= 0.85] = TISSUE_HU
-    spine = (xx - cx) ** 2 + (yy - (cy + 0.6 * ay)) ** 2 <= (0.07 * min(rows, cols)) ** 2
-    image[spine] = BONE_HU
+    image[ellipse <= 1.0] = anatomy.fat_hu
+    tissue = ellipse <= anatomy.tissue_level
+    image[tissue] = body.hu
+    for blob in anatomy.inside:
+        image[blob.mask(xx, yy) & tissue] = blob.hu
+    if anatomy.spine is not None:
+        image[anatomy.spine.mask(xx, yy)] = anatomy.spine.hu
     if lesion is not None and disc > 0.0:
-        image[(xx - lesion.x) ** 2 + (yy - lesion.y) ** 2 <= disc * disc] = LESION_HU
-    image += rng.normal(0.0, 12.0, size=image.shape).astype(np.float32)
-    return image
+        image[(xx - lesion.x) ** 2 + (yy - lesion.y) ** 2 <= disc * disc] = anatomy.lesion_hu
+    noise = rng.normal(0.0, anatomy.noise_hu, size=image.shape).astype(np.float32)
+    return image + (_smoothed(noise) * 1.5 if anatomy.smooth else noise)
 
 
 def _uid(*parts: object) -> str:
@@ -97,9 +198,9 @@ def _uid(*parts: object) -> str:
 
 def _dataset(
     hu: np.ndarray, index: int, spacing: tuple[float, float], uids: dict[str, str],
-    patient_id: str,
+    patient_id: str, anatomy: _Anatomy,
 ) -> Dataset:
-    """A CT Image Storage dataset for one slice (12-bit unsigned, rescaled to HU)."""
+    """A CT Image Storage dataset for one slice (12-bit unsigned or 16-bit signed, in HU)."""
     rows, cols = hu.shape
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -130,10 +231,16 @@ def _dataset(
     ds.SliceLocation = f"{z:g}"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = f"{INTERCEPT:g}", "1", "HU"
-    ds.WindowCenter, ds.WindowWidth = "40", "400"
-    stored = np.clip(np.rint(hu - INTERCEPT), 0, 4095).astype(np.uint16)
+    ds.RescaleSlope, ds.RescaleType = "1", "HU"
+    if anatomy.signed:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept = "0"
+        stored = np.clip(np.rint(hu), -2048, 3071).astype(np.int16)
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept = f"{INTERCEPT:g}"
+        stored = np.clip(np.rint(hu - INTERCEPT), 0, 4095).astype(np.uint16)
+    ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in anatomy.stored_window)
     ds.PixelData = stored.tobytes()
     return ds
 
@@ -150,13 +257,22 @@ def synthesize_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     slice_spacing_mm: float = 5.0,
+    varied: bool = False,
 ) -> SyntheticSeries:
-    """Write one phantom CT series (one file per slice) and return it with its ground truth."""
+    """Write one phantom CT series (one file per slice) and return it with its ground truth.
+
+    `varied` draws the background at random (`_varied_anatomy`) instead of the plain one,
+    from streams of their own that leave out `lesion`: a varied series with a lesion and one
+    without from the same seed differ in the lesion's pixels only (and in their UIDs).
+    """
     if slices < 1 or rows < 8 or cols < 8:
         raise ValueError("a phantom needs at least 1 slice of 8x8 pixels")
     rng = np.random.default_rng([seed, slices, rows, cols, int(lesion)])
     plan = _plan_lesion(rng, slices, rows, cols) if lesion else None
-    body = (cols * rng.uniform(0.36, 0.44), rows * rng.uniform(0.26, 0.34))
+    anatomy = _plain_anatomy(rng, rows, cols)
+    if varied:  # other streams, so a plain series stays what it always was
+        anatomy = _varied_anatomy(np.random.default_rng([seed, slices, rows, cols, 1]), rows, cols)
+        rng = np.random.default_rng([seed, slices, rows, cols, 2])
     pixel_mm = 350.0 / max(rows, cols)
     study = study_uid or _uid("study", patient_id, seed)
     series = series_uid or _uid("series", patient_id, seed, lesion)
@@ -166,11 +282,11 @@ def synthesize_series(
     sop_uids: list[str] = []
     for index in range(slices):
         disc = plan.radius_on(index) if plan else 0.0
-        hu = _slice_hu(rng, rows, cols, body, disc, plan)
+        hu = _slice_hu(rng, rows, cols, anatomy, disc, plan)
         uids = {"sop": _uid("sop", series, index), "study": study, "series": series,
                 "frame": frame}
         path = out_dir / f"slice-{index + 1:04d}.dcm"
-        _dataset(hu, index, (slice_spacing_mm, pixel_mm), uids, patient_id).save_as(
+        _dataset(hu, index, (slice_spacing_mm, pixel_mm), uids, patient_id, anatomy).save_as(
             path, enforce_file_format=True
         )
         paths.append(path)
@@ -190,10 +306,11 @@ def write_series(
     patient_id: str = "DEMO-0000",
     study_uid: str | None = None,
     series_uid: str | None = None,
+    varied: bool = False,
 ) -> list[Path]:
     """Write one phantom CT series and return its files in slice order."""
     written = synthesize_series(
         out_dir, slices=slices, rows=rows, cols=cols, lesion=lesion, seed=seed,
-        patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+        patient_id=patient_id, study_uid=study_uid, series_uid=series_uid, varied=varied,
     )
     return list(written.paths)

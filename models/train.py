@@ -3,6 +3,7 @@ validation metrics), split by patient so no patient is in both train and validat
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,12 +70,21 @@ class TrainOptions:
     extra: dict[str, object] = field(default_factory=dict)  # further manifest fields
 
 
-class _Progress(keras.callbacks.Callback):
-    """A tqdm bar over all training batches, showing loss and accuracy."""
+def _bar(options: TrainOptions, **kwargs: object) -> tqdm:
+    """A progress bar that draws only on a terminal: in a log, frames would fill it."""
+    return tqdm(disable=None if options.progress else True, **kwargs)  # None: off unless a tty
 
-    def __init__(self, bar: tqdm) -> None:
+
+class _Progress(keras.callbacks.Callback):
+    """A tqdm bar over all training batches, showing loss and accuracy; where there is no
+    terminal to draw on (a log, a pipe), one line per epoch instead."""
+
+    def __init__(self, bar: tqdm, label: str, epochs: int, lines: bool) -> None:
         super().__init__()
         self.bar = bar
+        self.label = label
+        self.epochs = epochs
+        self.lines = lines and bar.disable
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Advance the bar by one batch."""
@@ -82,6 +92,14 @@ class _Progress(keras.callbacks.Callback):
         if logs:
             self.bar.set_postfix(loss=f"{logs.get('loss', 0.0):.4f}",
                                  acc=f"{logs.get('accuracy', 0.0):.3f}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Without a bar, say how the epoch ended."""
+        if self.lines:
+            logs = logs or {}
+            print(f"training {self.label}: epoch {epoch + 1}/{self.epochs} "
+                  f"loss {logs.get('loss', 0.0):.4f} accuracy {logs.get('accuracy', 0.0):.3f}",
+                  file=sys.stderr, flush=True)
 
 
 def _classes(found: Counter[str], options: TrainOptions) -> list[ClassLabel]:
@@ -119,11 +137,11 @@ def _fit(model: keras.Model, x: np.ndarray, y: np.ndarray, options: TrainOptions
     counts = np.bincount(y, minlength=model.output_shape[-1]).astype(np.float64)
     weights = {i: float(len(y) / (len(counts) * c)) for i, c in enumerate(counts) if c > 0}
     steps = -(-len(x) // options.batch_size) * epochs
-    with tqdm(total=steps, desc=f"training {label}", disable=not options.progress) as bar:
+    with _bar(options, total=steps, desc=f"training {label}") as bar:
         model.fit(
             x, keras.utils.to_categorical(y, model.output_shape[-1]),
             batch_size=options.batch_size, epochs=epochs, shuffle=True, verbose=0,
-            class_weight=weights, callbacks=[_Progress(bar)],
+            class_weight=weights, callbacks=[_Progress(bar, label, epochs, options.progress)],
         )
 
 
@@ -167,8 +185,8 @@ def _read_images(
         return preprocess_file(item[0].path, options.input_shape, options.window)
 
     with ThreadPoolExecutor(max_workers=options.workers) as pool:
-        arrays = list(tqdm(pool.map(load, items), total=len(items), desc="reading images",
-                           disable=not options.progress))
+        arrays = list(_bar(options, iterable=pool.map(load, items), total=len(items),
+                           desc="reading images"))
     x = np.concatenate(arrays) if arrays else np.zeros((0, *options.input_shape), np.float32)
     y = np.concatenate([np.full(len(a), index) for a, (_, index) in zip(arrays, items,
                                                                          strict=True)])
@@ -244,7 +262,7 @@ def train_lstm(data: Path, labels: Labels, out: Path, cnn: Path, options: TrainO
     keras.utils.set_random_seed(options.seed)
     sequences = [
         infer_series([i.path for i in items], Choice(loaded)).embeddings
-        for items, _ in tqdm(labelled, desc="embedding series", disable=not options.progress)
+        for items, _ in _bar(options, iterable=labelled, desc="embedding series")
     ]
     width = loaded.manifest.embedding_width
     in_train = np.array([items[0].patient_id in train_ids for items, _ in labelled])

@@ -130,8 +130,8 @@ class Daemon:
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    def start(self, timeout: float = 180.0, upgrade: bool = True) -> Daemon:
-        """Upgrade the database, start serving and wait until the port accepts."""
+    def spawn(self, upgrade: bool = True) -> subprocess.Popen[bytes]:
+        """Upgrade the database and start `serve` in a session of its own; do not wait."""
         if upgrade:
             done = self.cli("db", "upgrade")
             assert done.returncode == 0, done.stderr
@@ -144,6 +144,12 @@ class Daemon:
             start_new_session=True,
         )
         log.close()
+        return self.proc
+
+    def start(self, timeout: float = 180.0, upgrade: bool = True) -> Daemon:
+        """Upgrade the database, start serving and wait until the port accepts."""
+        self.spawn(upgrade)
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -194,6 +200,21 @@ class Daemon:
             self.stop(30.0)
         except subprocess.TimeoutExpired:
             pass  # stop() already killed the process group
+
+
+def session_members(pid: int) -> list[int]:
+    """Live processes (zombies aside) in the process group `pid` led: its workers too, even
+    once orphaned, since they keep the group."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp
+        if fields[0] != "Z" and int(fields[2]) == pid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.25) -> Any:

@@ -35,6 +35,7 @@ SR_DELIVERED = "sr delivered"
 JOB_RETRIED = "job retried by operator"
 JOB_CANCELLED = "job cancelled by operator"
 REPLAY_REQUESTED = "replay requested"
+REPORT_SEND_REQUESTED = "report send requested by operator"
 SPOOL_PURGED = "spool purged"
 
 

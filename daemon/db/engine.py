@@ -11,13 +11,25 @@ from sqlalchemy.engine import make_url
 SQLITE_BUSY_TIMEOUT_MS = 30000
 
 
+class DatabaseMissing(Exception):
+    """The SQLite database file does not exist, and creating it is not this caller's job."""
+
+
+class DatabaseNotAtHead(Exception):
+    """The database's schema is not the one this code needs (`daemon.db.migrate`)."""
+
+
 def is_sqlite(engine: Engine) -> bool:
     """Whether claims must use SQLite's UPDATE ... RETURNING path."""
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE."""
+def make_engine(url: str, *, pool_size: int = 5, create: bool = True) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE.
+
+    With `create` false, an SQLite file (or its directory) that does not exist is never
+    made: connecting raises `DatabaseMissing` instead (commands that only read, and serve).
+    """
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -25,14 +37,26 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         return create_engine(
             parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
-    if parsed.database and parsed.database != ":memory:":
+    on_disk = parsed.database and parsed.database != ":memory:"
+    if on_disk and create:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         parsed,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
     )
     _configure_sqlite(engine)
+    if on_disk and not create:
+        _refuse_missing(engine, Path(parsed.database))
     return engine
+
+
+def _refuse_missing(engine: Engine, path: Path) -> None:
+    """Raise `DatabaseMissing` instead of letting sqlite3 create `path` on connect."""
+
+    @event.listens_for(engine, "do_connect")
+    def _check(*_args: Any) -> None:
+        if not path.is_file():
+            raise DatabaseMissing(f"database {engine.url} does not exist")
 
 
 def _configure_sqlite(engine: Engine) -> None:

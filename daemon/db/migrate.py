@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 import migrations
+from daemon.db.engine import DatabaseNotAtHead, make_engine
 
 
 def alembic_config(url: str) -> Config:
@@ -47,3 +48,27 @@ def current_revision(engine: Engine) -> str | None:
 def is_at_head(engine: Engine) -> bool:
     """Whether the database schema matches this code, so the service may start."""
     return current_revision(engine) == head_revision()
+
+
+def require_head(engine: Engine) -> None:
+    """Raise `DatabaseNotAtHead`, naming the database and both revisions, unless at head."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise DatabaseNotAtHead(
+            f"database {engine.url} is at revision {current or 'none (empty)'}, "
+            f"this version needs {head}"
+        )
+
+
+def open_at_head(url: str, *, pool_size: int = 1) -> Engine:
+    """An engine on an existing database at this code's schema; never creates one.
+
+    Raises `daemon.db.engine.DatabaseMissing` or `DatabaseNotAtHead`.
+    """
+    engine = make_engine(url, pool_size=pool_size, create=False)
+    try:
+        require_head(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

@@ -430,3 +430,49 @@ class JobWaiter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def waiting_for_retry(conn: Connection, limit: int = 10) -> tuple[int, list[Any]]:
+    """Jobs a failed attempt sent back to wait for their next try: how many, and the soonest
+    `limit` of them (id, kind, key, attempts, max_attempts, run_after, last_error, payload)."""
+    now = utcnow()
+    waiting = (Job.state == JobState.QUEUED) & (Job.attempts > 0) & (Job.run_after > now)
+    total = conn.execute(sa_select(func.count(Job.id)).where(waiting)).scalar_one()
+    rows = conn.execute(
+        sa_select(
+            Job.id,
+            Job.kind,
+            Job.key,
+            Job.attempts,
+            Job.max_attempts,
+            Job.run_after,
+            Job.last_error,
+            Job.payload,
+        )
+        .where(waiting)
+        .order_by(Job.run_after)
+        .limit(limit)
+    ).all()
+    return int(total), list(rows)
+
+
+def next_attempt_at(engine: Engine, job_id: int) -> dt.datetime | None:
+    """When a queued job may run next (None when it is not queued)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa_select(Job.run_after).where(Job.id == job_id, Job.state == JobState.QUEUED)
+        ).scalar_one_or_none()
+
+
+def requeue(conn: Connection, key: str) -> bool:
+    """Queue the finished job with `key` again, its attempts from zero (an operator's resend);
+    False when it is queued or running already, or does not exist."""
+    now = utcnow()
+    res = conn.execute(
+        update(Job)
+        .where(Job.key == key, Job.state.in_((JobState.DONE, JobState.DEAD, JobState.CANCELLED)))
+        .values(state=JobState.QUEUED, attempts=0, run_after=now, finished_at=None, updated_at=now)
+    )
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify(:c, 'requeue')"), {"c": NOTIFY_CHANNEL})
+    return res.rowcount == 1

@@ -184,6 +184,10 @@ class DispatchState(enum.StrEnum):
     CANCELLED = "cancelled"  # its dispatch job was cancelled by an operator
 
 
+# Report kinds as operators read them (`jobs show`, `reports send`).
+REPORT_KIND_NAMES = {"sr": "SR", "heatmap": "heatmap"}
+
+
 class Dispatch(Base):
     """The outbox: one row per report and destination, sent by a `dispatch` job."""
 

@@ -102,16 +102,7 @@ def run_dispatch(engine: Engine, job: ClaimedJob, settings: Settings) -> None:
         _record_success(engine, job, dispatch_id, outcome, destination)
         return
     _record_failure(engine, dispatch_id, outcome.detail)
-    log.warning(
-        "dispatch attempt failed",
-        extra=kv(
-            dispatch=dispatch_id,
-            destination=destination.name,
-            kind=outcome.kind,
-            status=outcome.detail,
-            retryable=outcome.retryable,
-        ),
-    )
+    # The worker logs the failed attempt once, with its next try.
     raise DispatchFailed(f"{destination.name}: {outcome.detail}", retryable=outcome.retryable)
 
 
@@ -154,11 +145,24 @@ def _record_success(
                 outcome.sop_instance_uid,
             )
         queue.complete(conn, job.id, job.lease_owner)
-        _audit_delivery(conn, dispatch_id, outcome)  # last: see daemon.db.audit
+        study_uid = _audit_delivery(conn, dispatch_id, outcome)  # last: see daemon.db.audit
+    log.info(
+        "report sent",
+        extra=kv(
+            dispatch=dispatch_id,
+            destination=destination.name,
+            study=study_uid,
+            sop_instance=outcome.sop_instance_uid,
+            sop_class=outcome.sop_class_uid,
+            fallback=outcome.fallback_used,
+            status=outcome.detail,
+        ),
+    )
 
 
-def _audit_delivery(conn: Connection, dispatch_id: int, outcome: SendOutcome) -> None:
-    """Audit which SR (the fallback's UID when it went instead) reached which destination."""
+def _audit_delivery(conn: Connection, dispatch_id: int, outcome: SendOutcome) -> str:
+    """Audit which SR (the fallback's UID when it went instead) reached which destination;
+    returns the study's UID."""
     row = conn.execute(
         select(Study.study_uid, Report.sop_instance_uid, Report.study_version, Dispatch.destination)
         .join(Report, Report.id == Dispatch.report_id)
@@ -175,6 +179,7 @@ def _audit_delivery(conn: Connection, dispatch_id: int, outcome: SendOutcome) ->
         destination=row.destination,
         dispatch=dispatch_id,
     )
+    return str(row.study_uid)
 
 
 def _record_failure(engine: Engine, dispatch_id: int, status: str) -> None:

@@ -400,17 +400,17 @@ def _send_on(
 
 
 def _log_outcome(outcome: SendOutcome, destination: Destination) -> None:
-    fields = kv(
-        destination=destination.name,
-        kind=outcome.kind,
-        status=outcome.detail,
-        sop_class=outcome.sop_class_uid,
-        fallback=outcome.fallback_used,
-    )
-    if outcome.kind == SENT:
-        log.info("sent", extra=fields)
-    elif outcome.kind == SENT_WITH_WARNING:
-        log.warning("sent with warning status", extra=fields)
+    """Warn of a warning status; the caller logs every send, naming what it sent."""
+    if outcome.kind == SENT_WITH_WARNING:
+        log.warning(
+            "sent with warning status",
+            extra=kv(
+                destination=destination.name,
+                status=outcome.detail,
+                sop_instance=outcome.sop_instance_uid,
+                fallback=outcome.fallback_used,
+            ),
+        )
 
 
 def echo(

@@ -498,6 +498,9 @@ class Ingestor:
         Below this much free space on the spool's filesystem new instances get 0xA700.
     on_stored
         Called with the Study Instance UID after each commit (not for refusals).
+    on_outcome
+        Called with the request and what storing it came to (e.g. a duplicate of what was
+        already stored), after each commit.
     """
 
     def __init__(
@@ -507,11 +510,13 @@ class Ingestor:
         min_free_bytes: int,
         on_stored: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_outcome: Callable[[Request, Outcome], None] | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
         self.min_free_bytes = min_free_bytes
         self.on_stored = on_stored
+        self.on_outcome = on_outcome
         self._clock = clock
         self._warn_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -580,8 +585,10 @@ class Ingestor:
         if isinstance(item.result, Refused):
             return self._refuse(req, item.result)
         code, reason = self._settled(item)
-        if code == status.SUCCESS:
+        if isinstance(item.result, Outcome):
             self._warn_malformed(ids, req.calling_ae)
+            if self.on_outcome is not None:
+                self.on_outcome(req, item.result)
         if code == status.SUCCESS and self.on_stored is not None:
             self.on_stored(ids.study_uid)
         return response(code, reason)

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
-from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
 from pynetdicom import AE, _config, evt
@@ -40,11 +39,12 @@ from daemon.dicom.network import (
     server_tls_context,
     start_server,
 )
+from daemon.lifeline import watch_parent
 from daemon.logsetup import kv, setup_logging
 from daemon.metrics import Metrics
 from daemon.receive.commitment import handle_commitment_report
 from daemon.receive.commitment_scp import CommitmentScp
-from daemon.receive.ingest import Ingestor, Request
+from daemon.receive.ingest import Ingestor, Outcome, Request
 from daemon.receive.mpps import MPPS_SOP_CLASS, MppsScp
 from daemon.spool import Spool
 
@@ -87,6 +87,18 @@ def configure_pynetdicom(*, unrestricted: bool = True, chunked: bool = False) ->
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
+
+
+def add_receiver_contexts(ae: AE) -> None:
+    """What the receiver accepts (the README's conformance table is generated from this):
+    Verification and every storage SOP class pynetdicom names in `TRANSFER_SYNTAXES` (with
+    `UNRESTRICTED_STORAGE_SERVICE`, any other storage class too), Storage Commitment (both
+    roles) and Modality Performed Procedure Step."""
+    ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    add_commitment_context(ae)
+    ae.add_supported_context(MPPS_SOP_CLASS, list(UNCOMPRESSED))
 
 
 def warn_if_open(settings: Settings, logger: logging.Logger = log) -> bool:
@@ -142,6 +154,39 @@ def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
 
+class _DuplicateTally:
+    """Per association: C-STOREs answered and how many were duplicates of stored instances.
+
+    A sender that sends a study again gets success for every instance and nothing else
+    happens (nothing new to analyse); the end of such an association says so once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # peer -> [answered, duplicates]
+
+    def answered(self, peer: str) -> None:
+        with self._lock:
+            self._counts.setdefault(peer, [0, 0])[0] += 1
+
+    def outcome(self, req: Request, outcome: Outcome) -> None:
+        if outcome is Outcome.DUPLICATE:
+            with self._lock:
+                self._counts.setdefault(req.peer, [0, 0])[1] += 1
+
+    def ended(self, assoc: Association) -> None:
+        """Log one INFO line if every instance of the association was a duplicate."""
+        with self._lock:
+            answered, duplicates = self._counts.pop(_peer(assoc), [0, 0])
+        if answered and duplicates == answered:
+            log.info(
+                "association sent only instances already stored (identical): nothing new",
+                extra=kv(
+                    peer=_peer(assoc), calling_ae=assoc.requestor.ae_title, instances=answered
+                ),
+            )
+
+
 class _Listener:
     """One process's SCP: an AE, its server thread and the event handlers."""
 
@@ -162,18 +207,19 @@ class _Listener:
         self.metrics = metrics
         self.spool = spool or Spool(settings.storage.spool_dir)
         self.spool.prepare()
+        self.duplicates = _DuplicateTally()
         self.ingestor = Ingestor(
-            self.spool, engine, settings.storage.min_free_mb * 2**20, on_stored
+            self.spool,
+            engine,
+            settings.storage.min_free_mb * 2**20,
+            on_stored,
+            on_outcome=self.duplicates.outcome,
         )
         ae = _LimitedAE(dicom.ae_title, dicom.max_associations, counts, index)
         ae.require_called_aet = True
         ae.require_calling_aet = settings.accepted_callers
         AssociationOptions.from_settings(dicom).apply(ae)
-        ae.add_supported_context(Verification, TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        add_commitment_context(ae)
-        ae.add_supported_context(MPPS_SOP_CLASS, list(UNCOMPRESSED))
+        add_receiver_contexts(ae)
         self.ae = ae
         # The modality services: its MPPS steps, its storage commitment requests.
         self.commitments = CommitmentScp(settings, engine)
@@ -269,6 +315,7 @@ class _Listener:
         req = event.request
         assoc = event.assoc
         data = event.encoded_dataset()
+        self.duplicates.answered(_peer(assoc))
         answer = self.ingestor.store(
             Request(
                 data=data,
@@ -319,11 +366,13 @@ class _Listener:
         )
 
     def _ended(self, event: Event) -> None:
-        """Take an association off the active gauge once, by release, abort or lost connection.
+        """Close an association's books once, by release, abort or lost connection: its
+        duplicates line, and the active gauge.
 
         pynetdicom marks an association no longer established before it tells of the abort,
         so the gauge cannot ask the association whether it was counted.
         """
+        self.duplicates.ended(event.assoc)
         if self.metrics is None:
             return
         with self._counted_lock:
@@ -354,14 +403,15 @@ def _child_main(
     index: int,
     counts: SynchronizedArray[Any],
     events: Any,
-    ready: MpEvent,
+    ready: Any,
     draining: Any,
     stopping: Any,
     drain: Any,
     log_level: str,
 ) -> None:
-    """A spawned receiver process: serve until the parent says stop, then drain."""
+    """A spawned receiver process: serve until the parent says stop (or is gone), then drain."""
     setup_logging(log_level)
+    watch_parent(lambda: setattr(stopping, "value", 1))
     configure_pynetdicom()
     engine = make_engine(database_url)
     listener = _Listener(
@@ -374,9 +424,9 @@ def _child_main(
         metrics=Metrics(),
     )
     listener.start()
-    ready.set()
+    ready.value = 1
     # Plain shared flags, polled: a process killed while waiting on an mp.Event would make the
-    # parent's set() wait for it forever.
+    # other's set() wait for it forever (a parent killed while waiting for `ready` did).
     while not stopping.value:
         if draining.value:
             listener.stop_accepting()
@@ -474,7 +524,7 @@ class Receiver:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         readies = []
         for index in range(n):
-            ready = self._ctx.Event()
+            ready = self._ctx.Value("b", 0, lock=False)
             proc = self._ctx.Process(
                 target=_child_main,
                 args=(
@@ -501,7 +551,8 @@ class Receiver:
         self._forwarder.start()
         deadline = time.monotonic() + START_TIMEOUT
         for proc, ready in zip(self._procs, readies, strict=True):
-            while not ready.wait(0.05):
+            while not ready.value:
+                time.sleep(0.05)
                 if not proc.is_alive() or time.monotonic() > deadline:
                     self._stopping.value = 1
                     self._join(5.0)

@@ -21,16 +21,8 @@ from daemon import __version__
 from daemon.config import Settings
 from daemon.context import WorkerContext
 from daemon.db import queue
-from daemon.db.keys import DISPATCH, dispatch_key
-from daemon.db.schema import (
-    ClosedVersion,
-    Dispatch,
-    DispatchState,
-    Instance,
-    Report,
-    Result,
-    Study,
-)
+from daemon.db.outbox import add_dispatch
+from daemon.db.schema import ClosedVersion, Instance, Report, Result, Study
 from daemon.logsetup import kv
 from daemon.report.completion import Completion
 from daemon.report.heatmap import build_heatmap_sc, heatmap_evidence
@@ -476,17 +468,5 @@ def _remove_all(spool: Spool, paths: Iterable[Path]) -> None:
 def enqueue_dispatches(conn: Connection, settings: Settings, report_id: int, study_id: int) -> None:
     """One outbox row and one `dispatch` job per destination, in the caller's transaction."""
     for dest in settings.destinations:
-        dispatch_id = conn.execute(
-            insert(Dispatch)
-            .values(report_id=report_id, destination=dest.name, state=DispatchState.PENDING)
-            .returning(Dispatch.id)
-        ).scalar_one()
-        queue.enqueue(
-            conn,
-            DISPATCH,
-            dispatch_key(dispatch_id),
-            max_attempts=settings.retry.max_attempts,
-            study_id=study_id,
-            payload={"dispatch_id": dispatch_id, "destination": dest.name},
-        )
+        add_dispatch(conn, report_id, study_id, dest.name, settings.retry.max_attempts)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, Settings, dump_settings, load_settings
+from daemon.config import ConfigError, Settings, config_file, dump_settings, load_settings
 
 FULL_TOML = """
 [dicom]
@@ -248,11 +248,25 @@ def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_section_is_named(tmp_path: Path) -> None:
-    assert config_error(tmp_path, "[dicomm]\nport = 104\n") == "dicomm: unknown key"
+    message = config_error(tmp_path, "[dicomm]\nport = 104\n")
+    assert message == "dicomm: unknown key (did you mean dicom?)"
 
 
-def test_unknown_key_in_a_section_is_named(tmp_path: Path) -> None:
-    assert config_error(tmp_path, "[dicom]\naetitle = 'X'\n") == "dicom.aetitle: unknown key"
+def test_unknown_key_in_a_section_is_named_with_the_key_it_resembles(tmp_path: Path) -> None:
+    assert (
+        config_error(tmp_path, "[dicom]\naetitle = 'X'\n")
+        == "dicom.aetitle: unknown key (did you mean ae_title?)"
+    )
+
+
+def test_a_misspelt_destination_key_is_named_before_the_key_it_leaves_missing(
+    tmp_path: Path,
+) -> None:
+    text = '[[destinations]]\nname = "p"\naetitle = "P"\nhost = "h"\nport = 104\n'
+    assert (
+        config_error(tmp_path, text)
+        == "destinations.0.aetitle: unknown key (did you mean ae_title?)"
+    )
 
 
 def test_unknown_key_in_a_destination_is_named(tmp_path: Path) -> None:
@@ -265,6 +279,81 @@ def test_wrong_type_names_the_field(tmp_path: Path) -> None:
     assert message.startswith("dicom.port: ")
     assert "integer" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[dicom]\nport = "4343"\n', 'dicom.port: must be an integer, not a string ("4343")'),
+        ("[dicom]\nport = 104.0\n", "dicom.port: must be an integer, not a number (104.0)"),
+        ("[dicom]\nport = true\n", "dicom.port: must be an integer, not a boolean (true)"),
+        ('[report]\nno_model_sr = "yes"\n', 'report.no_model_sr: must be true or false, not a '
+         'string ("yes")'),
+        ('[assembly]\nquiet_seconds = "30"\n', 'assembly.quiet_seconds: must be a number, not a '
+         'string ("30")'),
+        ('[models]\nshadow = "demo"\n', 'models.shadow: must be an array, not a string ("demo")'),
+        ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = "104"\n',
+         'destinations.0.port: must be an integer, not a string ("104")'),
+    ],
+)
+def test_a_value_of_the_wrong_toml_type_is_refused_even_when_it_would_convert(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    assert config_error(tmp_path, text) == message
+
+
+def test_integers_are_accepted_where_seconds_are_numbers(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[assembly]\nquiet_seconds = 30\n"), {})
+    assert settings.assembly.quiet_seconds == 30.0
+
+
+def test_environment_values_are_text_and_still_convert(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, "[dicom]\nport = 104\n"),
+        {"PACSAI_DICOM__PORT": "4343", "PACSAI_REPORT__NO_MODEL_SR": "false"},
+    )
+    assert settings.dicom.port == 4343 and settings.report.no_model_sr is False
+
+
+def test_without_a_config_argument_the_default_file_is_read_when_it_exists(
+    tmp_path: Path,
+) -> None:
+    default = write(tmp_path, "[dicom]\nport = 4242\n")
+    assert load_settings(None, {}, default=default).dicom.port == 4242
+    assert config_file(None, {}, default=default) == default
+
+
+def test_without_a_config_argument_or_default_file_the_defaults_apply(tmp_path: Path) -> None:
+    missing = tmp_path / "etc" / "pacs-ai.toml"
+    assert load_settings(None, {}, default=missing).dicom.port == 11112
+    assert config_file(None, {}, default=missing) is None
+
+
+def test_pacsai_config_wins_over_the_default_file(tmp_path: Path) -> None:
+    default = write(tmp_path, "[dicom]\nport = 4242\n")
+    chosen = tmp_path / "chosen.toml"
+    chosen.write_text("[dicom]\nport = 4343\n")
+    environ = {"PACSAI_CONFIG": str(chosen)}
+    assert load_settings(None, environ, default=default).dicom.port == 4343
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("", "early_seconds = 0.5  # not set: the default 0.5 s, shorter than quiet_seconds"),
+        ("quiet_seconds = 0.3\n", "early_seconds = 0  # not set, and quiet_seconds (0.3) is "
+         "not longer than the default 0.5 s: early analysis off"),
+        ("early_seconds = 0\n", "early_seconds = 0  # early analysis off"),
+        ("early_seconds = 2\n", "early_seconds = 2.0  # as set"),
+    ],
+)
+def test_config_check_prints_the_early_window_in_force_and_why(
+    tmp_path: Path, text: str, line: str
+) -> None:
+    path = write(tmp_path, "[assembly]\n" + text)
+    dumped = dump_settings(load_settings(path, {}), path)
+    assert line in dumped.splitlines()
+    assert f"# file: {path}" in dumped
 
 
 def test_section_given_as_a_value_is_a_type_error(tmp_path: Path) -> None:

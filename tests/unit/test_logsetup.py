@@ -144,3 +144,41 @@ def test_setup_twice_leaves_one_handler(stream: io.StringIO) -> None:
     setup_logging("info", stream)
     logging.getLogger("pacs.once").info("started")
     assert len(lines(stream)) == 1
+
+
+def _refused_association() -> None:
+    """Request an association from a port nobody listens on, as the dispatcher would."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.peers import free_port
+
+    ae = AE(ae_title="PACSAI")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", free_port())
+    assert not assoc.is_established
+
+
+def test_a_refused_association_we_asked_for_leaves_no_pynetdicom_lines(
+    stream: io.StringIO,
+) -> None:
+    # The dispatcher reports the outcome in one WARNING of its own; pynetdicom's two ERROR
+    # lines would say the same without naming the destination.
+    setup_logging("info", stream)
+    _refused_association()
+    assert lines(stream) == []
+
+
+def test_debug_keeps_pynetdicom_lines_about_a_refused_association(stream: io.StringIO) -> None:
+    setup_logging("debug", stream)
+    _refused_association()
+    assert any("TCP Initialisation Error" in line for line in lines(stream))
+
+
+def test_other_pynetdicom_errors_are_kept(stream: io.StringIO) -> None:
+    setup_logging("info", stream)
+    logging.getLogger("pynetdicom.association").error(
+        "Exception in the handler bound to 'evt.EVT_C_STORE'"
+    )
+    logging.getLogger("pynetdicom.acse").error("Received an invalid A-ASSOCIATE response")
+    assert len(lines(stream)) == 2
