@@ -411,7 +411,16 @@ class Settings(BaseSettings):
 
 
 # Tags pydantic adds to an error's location inside a destination (which kind it tried).
-_DESTINATION_TAGS = ("dimse", "dicomweb")
+_DESTINATION_TAGS = {"dimse": Destination, "dicomweb": DicomWebDestination}
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    """An error's location as the file names it: `destinations.0.port`, without the tag of
+    the destination kind pydantic tried."""
+    parts = list(loc)
+    if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in _DESTINATION_TAGS:
+        del parts[2]
+    return ".".join(str(part) for part in parts) or "config"
 
 
 def _format_error(err: ValidationError) -> str:
@@ -419,10 +428,7 @@ def _format_error(err: ValidationError) -> str:
     is what makes the key it was meant to be "required"."""
     errors = err.errors()
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    parts = list(first["loc"])
-    if parts[:1] == ["destinations"] and len(parts) > 2 and parts[2] in _DESTINATION_TAGS:
-        del parts[2]
-    loc = ".".join(str(part) for part in parts) or "config"
+    loc = _location(first["loc"])
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -436,6 +442,9 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
     model: Any = Settings
     for part in loc[:-1]:
         if isinstance(part, int):
+            continue
+        if loc[:1] == ("destinations",) and part in _DESTINATION_TAGS:
+            model = _DESTINATION_TAGS[part]
             continue
         field = model.model_fields.get(part) if isinstance(model, type) else None
         if field is None:
@@ -484,7 +493,7 @@ def _check_file_types(data: dict[str, Any]) -> None:
         except ValidationError as exc:
             for error in exc.errors():
                 if error["type"] in _TOML_KINDS:
-                    loc = ".".join(str(part) for part in (section, *error["loc"]))
+                    loc = _location((section, *error["loc"]))
                     given = _PYTHON_TO_TOML.get(type(error["input"]), "something else")
                     raise ConfigError(
                         f"{loc}: must be {_TOML_KINDS[error['type']]}, not {given} "
