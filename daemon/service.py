@@ -189,10 +189,12 @@ class Service:
         self._scheduler_tick = time.monotonic()
 
     def _echo_destinations(self) -> None:
-        from daemon.dispatch.destinations import echo
+        """Probe each destination once at start (recorded, as the console shows it); while
+        the HTTP server runs, again every PROBE_SECONDS."""
+        from daemon.dispatch import probes
 
         for dest in self.settings.destinations:
-            outcome = echo(dest, self.settings.dicom.ae_title)
+            outcome = probes.probe(self.engine, self.settings, dest)
             if outcome.ok:
                 log.info("destination answers", extra=kv(destination=dest.name, echo=str(outcome)))
             else:
@@ -200,6 +202,16 @@ class Service:
                     "destination does not answer; reports will wait and retry",
                     extra=kv(destination=dest.name, echo=str(outcome)),
                 )
+        if self.http is not None and self.settings.destinations:
+            self.scheduler.add_job(
+                probes.probe_all,
+                "interval",
+                args=[self.engine, self.settings],
+                seconds=probes.PROBE_SECONDS,
+                id="probe-destinations",
+                coalesce=True,
+                max_instances=1,
+            )
 
     def health(self) -> list[str]:
         """What is wrong right now; empty when the watchdog may be petted."""
