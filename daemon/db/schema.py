@@ -186,7 +186,11 @@ class Dispatch(Base):
     """The outbox: one row per report and destination, sent by a `dispatch` job."""
 
     __tablename__ = "dispatches"
-    __table_args__ = (UniqueConstraint("report_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination"),
+        # The console: each destination's last delivery.
+        Index("ix_dispatches_destination_sent_at", "destination", "sent_at"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from daemon.config import HttpSettings, Settings
+from daemon.db.engine import make_engine
 from daemon.http.app import build_app
 from daemon.http.auth import Authenticator
 from daemon.http.context import HttpContext
@@ -19,6 +20,8 @@ from daemon.receive.ingest import Ingestor
 from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
+
+READER_POOL = 4
 
 
 def warn_if_open(http: HttpSettings, logger: logging.Logger = log) -> bool:
@@ -58,6 +61,9 @@ class HttpService:
     ) -> None:
         self.settings = settings
         self.ingestor = Ingestor(spool, engine, settings.storage.min_free_mb * 2**20, on_stored)
+        self.reader = make_engine(
+            settings.storage.effective_database_url, pool_size=READER_POOL, read_only=True
+        )
         self._health = health
         self._ready = ready
         self._metrics = metrics
@@ -74,6 +80,7 @@ class HttpService:
             ready=self._ready,
             registry=registry,
             metrics=self._metrics,
+            reader=self.reader,
         )
         self.server = HttpServer(self.settings.http, build_app(ctx))
         self.server.start()
@@ -90,3 +97,4 @@ class HttpService:
         if self.server is not None:
             self.server.stop(drain_seconds)
         self.ingestor.close()
+        self.reader.dispose()

@@ -43,9 +43,13 @@ def upgrade() -> None:
     op.create_index("ix_jobs_study_id_state", "jobs", ["study_id", "state"])
     op.drop_index("ix_jobs_study_id", table_name="jobs")
     op.create_index(op.f("ix_reports_created_at"), "reports", ["created_at"])
+    op.create_index(
+        "ix_dispatches_destination_sent_at", "dispatches", ["destination", "sent_at"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_dispatches_destination_sent_at", table_name="dispatches")
     op.drop_index(op.f("ix_reports_created_at"), table_name="reports")
     op.create_index("ix_jobs_study_id", "jobs", ["study_id"])
     op.drop_index("ix_jobs_study_id_state", table_name="jobs")
