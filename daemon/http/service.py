@@ -62,7 +62,8 @@ class HttpService:
         self.settings = settings
         self.ingestor = Ingestor(spool, engine, settings.storage.min_free_mb * 2**20, on_stored)
         self.reader = make_engine(
-            settings.storage.effective_database_url, pool_size=READER_POOL, read_only=True
+            engine.url.render_as_string(hide_password=False), pool_size=READER_POOL,
+            read_only=True,
         )
         self._health = health
         self._ready = ready

@@ -36,16 +36,16 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_console_sessions_expires_at"), "console_sessions", ["expires_at"])
     # (study_id, study_version) and (study_id, state) serve every look-up by study_id too.
-    op.create_index("ix_instances_study_id_study_version", "instances", ["study_id", "study_version"])
+    op.create_index(
+        "ix_instances_study_id_study_version", "instances", ["study_id", "study_version"]
+    )
     op.drop_index("ix_instances_study_id", table_name="instances")
     op.create_index("ix_instances_study_id_calling_ae", "instances", ["study_id", "calling_ae"])
     op.create_index("ix_instances_received_at", "instances", ["received_at"])
     op.create_index("ix_jobs_study_id_state", "jobs", ["study_id", "state"])
     op.drop_index("ix_jobs_study_id", table_name="jobs")
     op.create_index(op.f("ix_reports_created_at"), "reports", ["created_at"])
-    op.create_index(
-        "ix_dispatches_destination_sent_at", "dispatches", ["destination", "sent_at"]
-    )
+    op.create_index("ix_dispatches_destination_sent_at", "dispatches", ["destination", "sent_at"])
 
 
 def downgrade() -> None:

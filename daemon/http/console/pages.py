@@ -63,9 +63,7 @@ def _chrome(request: Request, who: Visitor, title: str) -> dict[str, Any]:
         "title": title,
         "who": who,
         "notice": request.query_params.get("notice", "")[:200],
-        "live_url": request.url.path + "?" + urlencode(
-            {**request.query_params, "fragment": "1"}
-        ),
+        "live_url": request.url.path + "?" + urlencode({**request.query_params, "fragment": "1"}),
     }
 
 

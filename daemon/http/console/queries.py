@@ -296,9 +296,7 @@ def overview(conn: Connection, destinations: Sequence[str]) -> Overview:
         last_instance_at=conn.execute(select(func.max(Instance.received_at))).scalar_one(),
         studies_24h=int(
             conn.execute(
-                select(func.count()).where(
-                    Study.last_received_at >= now - dt.timedelta(hours=24)
-                )
+                select(func.count()).where(Study.last_received_at >= now - dt.timedelta(hours=24))
             ).scalar_one()
         ),
         last_delivered=last_delivered,
@@ -433,8 +431,9 @@ def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> Stud
     ]
     jobs = conn.execute(select(Job).where(Job.study_id == sid).order_by(Job.id)).all()
     reports = [
-        ReportRow(r.id, r.sop_instance_uid, r.sop_class_uid, r.kind, r.study_version, r.path,
-                  r.created_at)  # fmt: skip
+        ReportRow(
+            r.id, r.sop_instance_uid, r.sop_class_uid, r.kind, r.study_version, r.path, r.created_at
+        )  # fmt: skip
         for r in conn.execute(select(Report).where(Report.study_id == sid).order_by(Report.id))
     ]
     return StudyRecord(
@@ -454,7 +453,7 @@ def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> Stud
         series=series,
         calling_aes=[
             ae
-            for ae, in conn.execute(
+            for (ae,) in conn.execute(
                 select(Instance.calling_ae).where(Instance.study_id == sid).distinct()
             )
         ],
@@ -462,9 +461,7 @@ def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> Stud
         deliveries=_deliveries(conn, reports),
         reports=reports,
         results=list(
-            conn.execute(
-                select(Result).where(Result.study_id == sid).order_by(Result.id)
-            ).all()
+            conn.execute(select(Result).where(Result.study_id == sid).order_by(Result.id)).all()
         ),
     )
 

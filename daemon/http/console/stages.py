@@ -38,7 +38,15 @@ CANCELLED = "cancelled"
 ANALYSED = "analysed"
 RECEIVED = "received"  # none of the above (e.g. every instance superseded)
 STATES = (
-    RECEIVING, WAITING, ANALYSING, REPORTED, DELIVERED, VERIFIED, FAILED, CANCELLED, ANALYSED,
+    RECEIVING,
+    WAITING,
+    ANALYSING,
+    REPORTED,
+    DELIVERED,
+    VERIFIED,
+    FAILED,
+    CANCELLED,
+    ANALYSED,
 )
 # What each stage means to an operator (the Studies page's legend and tooltips).
 MEANING = {

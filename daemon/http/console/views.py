@@ -175,8 +175,12 @@ def findings(results: list[Any]) -> tuple[list[Finding], list[dict[str, Any]]]:
     for r in results:
         if r.error is not None:
             errors.append(
-                {"version": r.study_version, "model": r.model_name, "series_uid": r.series_uid,
-                 "error": r.error}  # fmt: skip
+                {
+                    "version": r.study_version,
+                    "model": r.model_name,
+                    "series_uid": r.series_uid,
+                    "error": r.error,
+                }  # fmt: skip
             )
             continue
         key = (r.study_version, r.model_name, r.series_uid, r.level, r.label or "")
@@ -228,9 +232,7 @@ def timeline(record: queries.StudyRecord) -> list[Event]:
     for job in record.jobs:
         if job.kind == ANALYSE:
             version = job.payload.get("study_version", "?")
-            events.append(
-                Event(job.created_at, f"version {version} closed", closing_reason(job))
-            )
+            events.append(Event(job.created_at, f"version {version} closed", closing_reason(job)))
         if job.finished_at is not None:
             events.append(
                 Event(
@@ -252,9 +254,7 @@ def timeline(record: queries.StudyRecord) -> list[Event]:
     return sorted(events, key=lambda e: e.at)
 
 
-def study(
-    record: queries.StudyRecord, settings: Settings, chosen_sr: str | None
-) -> dict[str, Any]:
+def study(record: queries.StudyRecord, settings: Settings, chosen_sr: str | None) -> dict[str, Any]:
     """Everything the Study page shows (the SR of `chosen_sr`, default the newest)."""
     found, errors = findings(record.results)
     srs = [r for r in record.reports if r.kind == "sr"]
@@ -292,15 +292,22 @@ def study(
         "findings": found,
         "errors": errors,
         "heatmaps": [
-            {"sop_instance_uid": h.sop_instance_uid, "version": h.study_version,
-             "caption": documents.heatmap_caption(h.path)}  # fmt: skip
+            {
+                "sop_instance_uid": h.sop_instance_uid,
+                "version": h.study_version,
+                "caption": documents.heatmap_caption(h.path),
+            }  # fmt: skip
             for h in heatmaps
             if h.study_version == newest
         ],
         "reports": [
-            {"sop_instance_uid": r.sop_instance_uid, "version": r.study_version,
-             "created_at": r.created_at, "superseded": r is not srs[-1],
-             "shown": shown is not None and r.sop_instance_uid == shown.sop_instance_uid}
+            {
+                "sop_instance_uid": r.sop_instance_uid,
+                "version": r.study_version,
+                "created_at": r.created_at,
+                "superseded": r is not srs[-1],
+                "shown": shown is not None and r.sop_instance_uid == shown.sop_instance_uid,
+            }
             for r in srs
         ],  # fmt: skip
         "sr": sr,
