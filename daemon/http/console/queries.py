@@ -242,7 +242,7 @@ class Overview:
 def _bucket(conn: Connection, column: Any, width: int) -> ColumnElement[int]:
     """`column` (a UTC timestamp) as the number of its `width`-second slot since the epoch."""
     if conn.dialect.name == "sqlite":
-        return cast(func.strftime("%s", column), Integer) / width
+        return cast(func.strftime("%s", column), Integer) // width
     return cast(func.floor(func.extract("epoch", column) / width), Integer)
 
 
