@@ -61,7 +61,12 @@ def pages(console: Console) -> list[str]:
     """One URL of each page and filter (the study page of a study with heatmaps)."""
     uid = next(u for i, u in enumerate(console.filled.study_uids) if i % 10 == 5)
     filters = [f"state={s}" for s in ("failed", "receiving", "waiting", "verified", "reported")]
-    filters += ["calling_ae=CT_ROOM3", "modality=MR", "received_from=2020-01-01", f"study_uid={uid}"]
+    filters += [
+        "calling_ae=CT_ROOM3",
+        "modality=MR",
+        "received_from=2020-01-01",
+        f"study_uid={uid}",
+    ]
     return [
         "/console/",
         "/console/studies",
