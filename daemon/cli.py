@@ -262,6 +262,27 @@ def cmd_http_user(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_http_console(args: argparse.Namespace) -> int:
+    from daemon.http.console import console_url
+
+    http = _settings(args).http
+    if not http.port:
+        raise CommandFailed("the HTTP server is off: set [http] port to serve the console")
+    print(f"console: {console_url(http)}")
+    password = args.password_file
+    users = ", ".join(f"{u.name} ({u.role})" for u in http.users)
+    if password is not None and password.is_file() and any(u.name == "admin" for u in http.users):
+        print(f"log in as admin with the password in {password}: {password.read_text().strip()}")
+    elif users:
+        print(f"users: {users}")
+    else:
+        print(
+            "no console user yet: `pacs-ai http user NAME --role operator >> CONFIG` makes one; "
+            "scripts may use a bearer token of [[http.tokens]] instead"
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; each leaf sets `func`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -346,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="the login name (1-64 of A-Z a-z 0-9 _ . @ -)")
     p.add_argument("--role", choices=["read", "operator"], required=True)
+    p = leaf(http, "console", cmd_http_console, "where the operator console is and who logs in")
+    p.add_argument(
+        "--password-file", type=Path, default=None, help="admin's first password (make run's)"
+    )
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION"

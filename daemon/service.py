@@ -20,6 +20,7 @@ from daemon.db import migrate, queue
 from daemon.db.engine import make_engine
 from daemon.db.schema import Job
 from daemon.http import HttpService, HttpStartError
+from daemon.http.console import console_url
 from daemon.logsetup import kv
 from daemon.metrics import (
     Metrics,
@@ -148,6 +149,8 @@ class Service:
                 self.http.start(registry)
             except HttpStartError as exc:
                 raise StartupError(str(exc)) from exc
+            url = console_url(self.settings.http, self.http.port)
+            log.info("operator console", extra=kv(url=url))
         self._echo_destinations()
         log.info(
             "serving",

@@ -32,9 +32,10 @@ def warn_if_open(http: HttpSettings, logger: logging.Logger = log) -> bool:
             extra=kv(roles=",".join(http.anonymous), port=http.port),
         )
         return True
-    if not http.tokens and not (http.tls and http.tls.client_role):
+    if not http.tokens and not http.users and not (http.tls and http.tls.client_role):
         logger.warning(
-            "http: no [[http.tokens]] and no [http.tls] client_role: only health answers",
+            "http: no [[http.tokens]], [[http.users]] or [http.tls] client_role: "
+            "only health answers",
             extra=kv(port=http.port),
         )
         return True

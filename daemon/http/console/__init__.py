@@ -7,12 +7,22 @@ to the login form) while DICOMweb's stay plain text; both log them as one line.
 
 from __future__ import annotations
 
+import socket
+
 from starlette.routing import BaseRoute, Mount, Route
 
+from daemon.config import HttpSettings
 from daemon.http.console.app import build
 from daemon.http.context import HttpContext
 
 ROOT = "/console"
+
+
+def console_url(http: HttpSettings, port: int | None = None) -> str:
+    """Where a browser finds the console (a wildcard bind named as this host)."""
+    host = socket.gethostname() if http.bind in ("0.0.0.0", "::") else http.bind
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if http.tls else 'http'}://{host}:{port or http.port}{ROOT}/"
 
 
 def mounted(ctx: HttpContext) -> list[BaseRoute]:
