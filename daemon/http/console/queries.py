@@ -196,7 +196,8 @@ def _job_rows(conn: Connection, jobs: Sequence[Any]) -> list[JobRow]:
     out = []
     for j in jobs:
         payload = dict(j.payload or {})
-        status = statuses.get(payload.get("dispatch_id"))
+        # A delivery's last answer explains a failure, not a success.
+        status = statuses.get(payload.get("dispatch_id")) if j.state != "done" else None
         out.append(
             JobRow(
                 id=j.id,
