@@ -88,10 +88,11 @@ class Instance(Base):
     __tablename__ = "instances"
     __table_args__ = (
         UniqueConstraint("sop_instance_uid", "sha256"),
-        # Every look-up by study, and the console's: a study's open version and per-version
-        # counts, its calling AE, and what arrived in the last minutes and hours.
-        Index("ix_instances_study_id_study_version", "study_id", "study_version"),
-        Index("ix_instances_study_id_calling_ae", "study_id", "calling_ae"),
+        # Every look-up by study, and the console's: a study's open version, its counts and
+        # calling AEs (from the index alone), the studies of a calling AE, and what arrived
+        # in the last minutes and hours.
+        Index("ix_instances_study", "study_id", "study_version", "calling_ae"),
+        Index("ix_instances_calling_ae_study_id", "calling_ae", "study_id"),
         Index("ix_instances_received_at", "received_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -35,12 +35,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_console_sessions")),
     )
     op.create_index(op.f("ix_console_sessions_expires_at"), "console_sessions", ["expires_at"])
-    # (study_id, study_version) and (study_id, state) serve every look-up by study_id too.
-    op.create_index(
-        "ix_instances_study_id_study_version", "instances", ["study_id", "study_version"]
-    )
+    # (study_id, study_version, calling_ae) and (study_id, state) serve every look-up by
+    # study_id too.
+    op.create_index("ix_instances_study", "instances", ["study_id", "study_version", "calling_ae"])
     op.drop_index("ix_instances_study_id", table_name="instances")
-    op.create_index("ix_instances_study_id_calling_ae", "instances", ["study_id", "calling_ae"])
+    op.create_index("ix_instances_calling_ae_study_id", "instances", ["calling_ae", "study_id"])
     op.create_index("ix_instances_received_at", "instances", ["received_at"])
     op.create_index("ix_jobs_study_id_state", "jobs", ["study_id", "state"])
     op.drop_index("ix_jobs_study_id", table_name="jobs")
@@ -54,9 +53,9 @@ def downgrade() -> None:
     op.create_index("ix_jobs_study_id", "jobs", ["study_id"])
     op.drop_index("ix_jobs_study_id_state", table_name="jobs")
     op.drop_index("ix_instances_received_at", table_name="instances")
-    op.drop_index("ix_instances_study_id_calling_ae", table_name="instances")
+    op.drop_index("ix_instances_calling_ae_study_id", table_name="instances")
     op.create_index("ix_instances_study_id", "instances", ["study_id"])
-    op.drop_index("ix_instances_study_id_study_version", table_name="instances")
+    op.drop_index("ix_instances_study", table_name="instances")
     op.drop_index(op.f("ix_console_sessions_expires_at"), table_name="console_sessions")
     op.drop_table("console_sessions")
     op.drop_table("destination_probes")

@@ -98,23 +98,31 @@ def _midnight(day: dt.date) -> dt.datetime:
 def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyPage:
     """Newest first (by last arrival), PAGE_SIZE a page, with each study's stage."""
     now = utcnow()
-    stage = stage_of(stages(now, quiet_seconds)).label("state")
-    rows = conn.execute(
+    newest_first = (Study.last_received_at.desc(), Study.id.desc())
+    # The page's ids first: the stage of a study is worked out only for the rows shown, not
+    # for every row an OFFSET skips (PostgreSQL computes the select list before the LIMIT).
+    page_ids = list(
+        conn.execute(
+            select(Study.id)
+            .where(*_study_where(f, now, quiet_seconds))
+            .order_by(*newest_first)
+            .limit(PAGE_SIZE + 1)
+            .offset((f.page - 1) * PAGE_SIZE)
+        ).scalars()
+    )
+    ids = page_ids[:PAGE_SIZE]
+    shown = conn.execute(
         select(
             Study.id,
             Study.study_uid,
             Study.version,
             Study.first_received_at,
             Study.last_received_at,
-            stage,
+            stage_of(stages(now, quiet_seconds)).label("state"),
         )
-        .where(*_study_where(f, now, quiet_seconds))
-        .order_by(Study.last_received_at.desc(), Study.id.desc())
-        .limit(PAGE_SIZE + 1)
-        .offset((f.page - 1) * PAGE_SIZE)
+        .where(Study.id.in_(ids))
+        .order_by(*newest_first)
     ).all()
-    shown = rows[:PAGE_SIZE]
-    ids = [r.id for r in shown]
     counts = dict(
         conn.execute(
             select(Instance.study_id, func.count())
@@ -139,7 +147,7 @@ def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyP
             for r in shown
         ],
         filter=f,
-        has_next=len(rows) > PAGE_SIZE,
+        has_next=len(page_ids) > PAGE_SIZE,
     )
 
 

@@ -19,7 +19,7 @@ from tests.unit.http.console.conftest import Console, csrf_of
 
 # Tables that grow with every study; a scan of one is what the test forbids.
 GROWING = ("studies", "series", "instances", "jobs", "results", "reports", "dispatches", "audit")
-PAGING_WALK = "SCAN studies USING INDEX ix_studies_last_received_at"
+PAGING_WALK = re.compile(r"SCAN studies USING (COVERING )?INDEX ix_studies_last_received_at")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def full_scans(engine: Engine, text: str) -> list[str]:
     tables = "|".join(GROWING)
     if engine.dialect.name == "sqlite":
         scan = re.compile(rf"\bSCAN ({tables})\b")
-        return [ln for ln in text.splitlines() if scan.search(ln) and PAGING_WALK not in ln]
+        return [ln for ln in text.splitlines() if scan.search(ln) and not PAGING_WALK.search(ln)]
     scan = re.compile(rf"Seq Scan on ({tables})\b")
     return [ln for ln in text.splitlines() if scan.search(ln)]
 
