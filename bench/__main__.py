@@ -171,9 +171,11 @@ def console_rows(results: list[dict[str, str]], quick: bool) -> list[list[str]]:
             continue
         slowest = max(timed, key=lambda r: _f(r.get("ms")))
         ms = _f(slowest.get("ms"))
-        rows.append([f"console pages, {size}", f"{db}: slowest of {len(timed)} pages",
-                     f"{ms:.0f} ms ({slowest.get('page')})", "-", "-",
-                     f"< {CONSOLE_TARGET_MS:.0f} ms", _met(ms < CONSOLE_TARGET_MS)])
+        first = max(timed, key=lambda r: _f(r.get("first_ms")))
+        rows.append([f"console pages, {size}", f"{db}: slowest of {len(timed)} pages (median)",
+                     f"{ms:.0f} ms ({slowest.get('page')})",
+                     f"first views <= {_f(first.get('first_ms')):.0f} ms ({first.get('page')})",
+                     "-", f"< {CONSOLE_TARGET_MS:.0f} ms", _met(ms < CONSOLE_TARGET_MS)])
     return rows
 
 

@@ -36,7 +36,7 @@ from daemon.db.schema import (
 from daemon.report.heatmap import build_heatmap_sc
 from daemon.report.sr import build_sr
 from daemon.report.uids import series_uid, sr_uid
-from tests.unit.report.studies import DEVICE, NODULE, ct_series, image_finding
+from tests.unit.report.studies import DEVICE, NODULE, ct_series, image_finding, series_finding
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -58,17 +58,19 @@ class Documents:
     heatmap: Path
 
 
-def write_documents(directory: Path) -> Documents:
-    """A CT instance (pydicom's CT_small), an SR of one finding with a heatmap, the heatmap."""
+def write_documents(directory: Path, *, slices: int = 1, size: int = 64) -> Documents:
+    """A CT instance (pydicom's CT_small); an SR of an image finding (and, with several
+    `slices`, a series finding over all of them, as an LSTM's); a `size`-pixel heatmap."""
     directory.mkdir(parents=True, exist_ok=True)
     instance = directory / "instance.dcm"
     shutil.copyfile(str(get_testdata_file("CT_small.dcm")), instance)
-    source = ct_series(1)[0]
-    source.Rows = source.Columns = 64
-    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    sources = ct_series(slices)
+    for source in sources:
+        source.Rows = source.Columns = size
+    ramp = np.linspace(0, 255, size * size * 3).reshape(size, size, 3).astype(np.uint8)
     capture = build_heatmap_sc(
-        source,
-        gradient,
+        sources[0],
+        ramp,
         model_name="chest-cnn",
         model_version="1.2.0",
         weights_sha256="ab" * 32,
@@ -81,12 +83,14 @@ def write_documents(directory: Path) -> Documents:
     )
     heatmap = directory / "heatmap.dcm"
     capture.save_as(heatmap, enforce_file_format=True)
-    finding = dataclasses.replace(image_finding(source), heatmaps=())
-    uid = str(source.StudyInstanceUID)
+    findings = [dataclasses.replace(image_finding(sources[0]), heatmaps=())]
+    if slices > 1:
+        findings.append(series_finding(sources))
+    uid = str(sources[0].StudyInstanceUID)
     sr = build_sr(
-        [source],
-        [finding],
-        sop_instance_uid=sr_uid(uid, 1, [finding.model_key]),
+        sources,
+        findings,
+        sop_instance_uid=sr_uid(uid, 1, [f.model_key for f in findings]),
         series_instance_uid=series_uid(uid),
         series_number=7701,
         instance_number=1,

@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,23 +25,40 @@ from daemon.http.console.access import NO_SESSION, LoginNeeded, Sessions, Users
 from daemon.http.console.manifests import ModelShelf
 from daemon.http.console.render import SECURITY_HEADERS, environment, wants_fragment, wants_json
 from daemon.http.context import STATE_KEY, HttpContext, log_refusal
+from daemon.logsetup import kv
+
+log = logging.getLogger(__name__)
 
 CONSOLE_KEY = "console"
 
 
 class AuditWatch:
-    """The audit chain's state for the Overview: walked once, then only its new rows."""
+    """The audit chain's state for the Overview: walked once in the background when the
+    console starts, then, at each view, only the rows added since."""
 
-    def __init__(self) -> None:
+    def __init__(self, reader: Engine) -> None:
         self._lock = threading.Lock()
         self._check: audit.ChainCheck | None = None
+        threading.Thread(target=self._first_walk, args=(reader,), daemon=True).start()
 
-    def check(self, conn: Connection) -> audit.ChainCheck:
-        """The chain checked up to its newest row (a broken chain stays broken)."""
-        with self._lock:
+    def _first_walk(self, reader: Engine) -> None:
+        try:
+            with reader.connect() as conn:
+                self.check(conn, wait=True)
+        except SQLAlchemyError as exc:
+            log.warning("audit chain not checked", extra=kv(error=str(exc.orig or exc)[:200]))
+
+    def check(self, conn: Connection, *, wait: bool = False) -> audit.ChainCheck | None:
+        """The chain checked up to its newest row (a broken chain stays broken); None while
+        the first walk runs (a page does not wait for it)."""
+        if not self._lock.acquire(blocking=wait):
+            return self._check
+        try:
             if self._check is None or self._check.intact:
                 self._check = audit.verify(conn, since=self._check)
             return self._check
+        finally:
+            self._lock.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +140,7 @@ def build(ctx: HttpContext) -> Starlette:
         users=Users(settings.http),
         sessions=Sessions(ctx.ingestor.engine, reader, settings.http.session_minutes),
         templates=environment(),
-        audit=AuditWatch(),
+        audit=AuditWatch(reader),
         models=ModelShelf(settings.models.dir, frozenset(settings.models.shadow)),
     )
     app = Starlette(

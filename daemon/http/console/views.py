@@ -96,7 +96,7 @@ def overview(
     metrics: Metrics | None,
     spool: Spool,
     models: list[ModelEntry],
-    chain: ChainCheck,
+    chain: ChainCheck | None,
 ) -> dict[str, Any]:
     """Everything the Overview shows."""
     names = [d.name for d in settings.destinations]
@@ -130,7 +130,9 @@ def overview(
             "below_watermark": free < watermark,
         },
         "models": models,
-        "audit": {
+        "audit": None
+        if chain is None
+        else {
             "intact": chain.intact,
             "rows": chain.rows,
             "broken_id": chain.broken_id,

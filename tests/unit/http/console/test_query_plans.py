@@ -85,7 +85,7 @@ def test_every_console_query_uses_an_index(
     console: Console, captured: list[tuple[str, Any]]
 ) -> None:
     client = console.login("olga")
-    client.get("/console/")  # the first view walks the audit chain once; later ones resume
+    client.get("/console/")  # a warm-up (the audit chain is walked once at start, then resumed)
     captured.clear()
     for url in pages(console):
         assert client.get(url).status_code == 200, url
