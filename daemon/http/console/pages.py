@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -57,12 +58,21 @@ def _who(request: Request, c: Console) -> Visitor:
     return visitor(request, c.sessions, c.users, c.ctx.auth.identify)
 
 
+# What a Retry or Cancel says on the page it returns to (nothing else is echoed).
+NOTICE = re.compile(r"job \d{1,12} (queued again|cancelled)")
+
+
+def _notice(request: Request) -> str:
+    notice = request.query_params.get("notice", "")
+    return notice if NOTICE.fullmatch(notice) else ""
+
+
 def _chrome(request: Request, who: Visitor, title: str) -> dict[str, Any]:
     """What every page's frame shows (not part of its JSON)."""
     return {
         "title": title,
         "who": who,
-        "notice": request.query_params.get("notice", "")[:200],
+        "notice": _notice(request),
         "live_url": request.url.path + "?" + urlencode({**request.query_params, "fragment": "1"}),
     }
 

@@ -122,6 +122,8 @@ def test_an_operator_retry_is_the_cli_retry_audited_with_the_user(console: Conso
     )
     assert answer.status_code == 303
     assert answer.headers["location"].startswith("/console/failures?notice=")
+    assert f"job {job_id} queued again" in client.get(answer.headers["location"]).text
+    assert "call 555" not in client.get("/console/failures?notice=call+555+now").text
     assert state_of(console, job_id) == "queued"
     with console.engine.connect() as conn:
         event = conn.execute(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).one()
