@@ -28,7 +28,7 @@ def test_serve_probes_destinations_at_start_and_the_console_shows_the_live_servi
     )  # fmt: skip
     daemon = make_daemon(config)
     url = serving(daemon)
-    assert f"operator console url={url}/console/" in daemon.log()
+    wait_for(lambda: f"operator console url={url}/console/" in daemon.log(), 30, "its address")
     read = {"Authorization": f"Bearer {tokens['read']}", "Accept": "application/json"}
     overview = wait_for(  # the start-up probe comes right after the HTTP port opens
         lambda: (
