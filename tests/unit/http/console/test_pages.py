@@ -15,7 +15,7 @@ from daemon.db.schema import Instance, Job, Study
 from daemon.http.console.queries import PAGE_SIZE
 from daemon.http.console.stages import STATES
 from tests.console_rows import AES, MODALITIES
-from tests.unit.http.console.conftest import Console, StartConsole, refusals
+from tests.unit.http.console.conftest import PER_STUDY, Console, StartConsole, refusals
 
 STUDY_ROW = re.compile(r'<tr data-study="([^"]+)">')
 
@@ -129,7 +129,7 @@ def test_the_study_page_shows_timeline_findings_heatmaps_and_the_sr_as_text(
     assert any(e.startswith("sr sent to pacs") for e in events)
     assert {j["kind"] for j in data["jobs"]} >= {"analyse", "report", "dispatch"}
     lesion = next(f for f in data["findings"] if f["label"] == "lesion" and f["level"] == "image")
-    assert (lesion["threshold"], lesion["images"]) == (0.5, PER_STUDY_IMAGES)
+    assert (lesion["threshold"], lesion["images"]) == (0.5, PER_STUDY)
     assert len(data["heatmaps"]) == 2 and "Grad-CAM" in data["heatmaps"][0]["caption"]
     assert "Certainty of Finding: 0.87 1" in "\n".join(line for _, line in data["sr"]["lines"])
     html = client.get(f"/console/studies/{uid}").text
@@ -139,9 +139,6 @@ def test_the_study_page_shows_timeline_findings_heatmaps_and_the_sr_as_text(
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (64, 64)
     assert "Imaging Measurement Report" in html and "<img" in html
-
-
-PER_STUDY_IMAGES = 3
 
 
 def test_unknown_studies_and_heatmaps_are_404_logged_once(
