@@ -13,10 +13,15 @@ $(BIN)/pacs-ai: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	mkdir -p var/models && touch $@
 
-$(CONFIG):
+# The first console user: admin, with a random password kept (mode 600) beside the config.
+CONSOLE_PASSWORD := $(dir $(CONFIG))console-password
+
+$(CONFIG): | $(BIN)/pacs-ai
 	mkdir -p $(dir $(CONFIG))
 	cp deploy/local.toml $(CONFIG)
-	@echo "wrote $(CONFIG) (edit it, then run make run again)"
+	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(12))' > $(CONSOLE_PASSWORD)
+	$(BIN)/pacs-ai http user admin --role operator < $(CONSOLE_PASSWORD) >> $(CONFIG)
+	@echo "wrote $(CONFIG) with a console user admin (edit it, then run make run again)"
 
 var/models/.demo: | $(BIN)/pacs-ai
 	@if [ -z "$$(find var/models -name 'manifest.*' 2>/dev/null | head -1)" ]; then \
@@ -28,6 +33,7 @@ var/models/.demo: | $(BIN)/pacs-ai
 
 run: $(BIN)/pacs-ai $(CONFIG) var/models/.demo
 	$(BIN)/pacs-ai db upgrade --config $(CONFIG)
+	@$(BIN)/pacs-ai http console --config $(CONFIG) --password-file $(CONSOLE_PASSWORD)
 	$(BIN)/pacs-ai serve --config $(CONFIG)
 
 system-deps:

@@ -274,6 +274,64 @@ def cmd_http_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MIN_PASSWORD = 10
+
+
+def _read_password() -> str:
+    """From the terminal (asked twice), or the first line of standard input (scripts)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise CommandFailed("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        raise CommandFailed(f"a password needs at least {MIN_PASSWORD} characters")
+    return password
+
+
+def cmd_http_user(args: argparse.Namespace) -> int:
+    from argon2 import PasswordHasher
+    from pydantic import ValidationError
+
+    from daemon.config import HttpUser
+
+    password = _read_password()
+    try:
+        entry = HttpUser(name=args.name, password_hash=PasswordHasher().hash(password),
+                         role=args.role)  # fmt: skip
+    except ValidationError as exc:
+        raise ConfigError(f"http.users.name: {exc.errors()[0]['msg']}") from exc
+    print("[[http.users]]")
+    print(f'name = "{entry.name}"')
+    print(f'password_hash = "{entry.password_hash}"')
+    print(f'role = "{entry.role}"')
+    return EXIT_OK
+
+
+def cmd_http_console(args: argparse.Namespace) -> int:
+    from daemon.http.console import console_url
+
+    http = _settings(args).http
+    if not http.port:
+        raise CommandFailed("the HTTP server is off: set [http] port to serve the console")
+    print(f"console: {console_url(http)}")
+    password = args.password_file
+    users = ", ".join(f"{u.name} ({u.role})" for u in http.users)
+    if password is not None and password.is_file() and any(u.name == "admin" for u in http.users):
+        print(f"log in as admin with the password in {password}: {password.read_text().strip()}")
+    elif users:
+        print(f"users: {users}")
+    else:
+        print(
+            "no console user yet: `pacs-ai http user NAME --role operator >> CONFIG` makes one; "
+            "scripts may use a bearer token of [[http.tokens]] instead"
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; each leaf sets `func`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -379,6 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(http, "token", cmd_http_token, "make a bearer token and its [[http.tokens]] entry")
     p.add_argument("name", help="who uses it (1-16 of A-Z a-z 0-9 _ . -)")
     p.add_argument("--role", choices=["store", "read", "operator"], required=True)
+    p = leaf(
+        http,
+        "user",
+        cmd_http_user,
+        "make a console user's [[http.users]] entry (the password from the terminal or stdin)",
+    )
+    p.add_argument("name", help="the login name (1-64 of A-Z a-z 0-9 _ . @ -)")
+    p.add_argument("--role", choices=["read", "operator"], required=True)
+    p = leaf(http, "console", cmd_http_console, "where the operator console is and who logs in")
+    p.add_argument(
+        "--password-file", type=Path, default=None, help="admin's first password (make run's)"
+    )
 
     config = sub.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True, metavar="ACTION"

@@ -271,6 +271,25 @@ class HttpToken(_Section):
     role: HttpRole
 
 
+def _check_argon2_hash(value: str) -> str:
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    try:
+        extract_parameters(value)
+    except InvalidHashError as exc:
+        raise ValueError("not an argon2 hash (`pacs-ai http user` makes one)") from exc
+    return value
+
+
+class HttpUser(_Section):
+    """A console user: name, argon2 password hash (`pacs-ai http user` makes one), role."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    password_hash: Annotated[str, AfterValidator(_check_argon2_hash)]
+    role: Literal["read", "operator"]
+
+
 class HttpTLSSettings(_Section):
     """HTTPS for the HTTP server; with `ca`, client certificates it signed authenticate."""
 
@@ -305,6 +324,10 @@ class HttpSettings(_Section):
     anonymous: list[Literal["store", "read"]] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     tokens: list[HttpToken] = Field(default_factory=list)
+    # The operator console: who may sign in, for how long, and whether it shows patients.
+    users: list[HttpUser] = Field(default_factory=list)
+    session_minutes: float = Field(default=480.0, gt=0, le=7 * 24 * 60)
+    show_patient_data: bool = False
 
     @field_validator("tokens")
     @classmethod
@@ -315,6 +338,15 @@ class HttpSettings(_Section):
                 if values.count(value) > 1:
                     raise ValueError(f"token {field} {value[:16]!r} is used twice")
         return tokens
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[HttpUser]) -> list[HttpUser]:
+        names = [u.name for u in users]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"user name {name!r} is used twice")
+        return users
 
 
 class _MappingEnvSource(EnvSettingsSource):
@@ -561,13 +593,14 @@ def dump_settings(settings: Settings, source: Path | None = None) -> str:
                 lines.append(f"\n[[{section}]]")
                 lines.extend(_toml_pairs(dest, {}))
         elif isinstance(value, dict):
-            tables = value.pop("tokens", []) if section == "http" else []
+            arrays = {k: value.pop(k, []) for k in ("tokens", "users")} if section == "http" else {}
             lines.append(f"\n[{section}]")
             explained = {"early_seconds": _early_line(settings.assembly)}
             lines.extend(_toml_pairs(value, explained if section == "assembly" else {}))
-            for table in tables:
-                lines.append(f"\n[[{section}.tokens]]")
-                lines.extend(_toml_pairs(table, {}))
+            for key, tables in arrays.items():
+                for table in tables:
+                    lines.append(f"\n[[{section}.{key}]]")
+                    lines.extend(_toml_pairs(table, {}))
     return "\n".join(lines) + "\n"
 
 

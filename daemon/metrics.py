@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -144,3 +145,30 @@ def serve_metrics(bind: str, port: int, registry: Any) -> Any:
 
     server, _thread = start_http_server(port, addr=bind, registry=registry)
     return server
+
+
+ASSOCIATIONS_METRIC = "pacsai_associations_active"
+
+
+def associations_open(metrics: Metrics) -> int:
+    """Associations in progress in every receiver process (the gauge's live sum).
+
+    Reads only the live-sum gauge files of the multiprocess directory (or this process's
+    gauge without one): cheap enough for a page view, unlike a whole /metrics scrape.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = glob.glob(os.path.join(path, "gauge_livesum_*.db"))
+        families = MultiProcessCollector.merge(files, accumulate=True)
+    else:
+        families = metrics.associations_active.collect()
+    return int(
+        sum(
+            sample.value
+            for family in families
+            if family.name == ASSOCIATIONS_METRIC
+            for sample in family.samples
+        )
+    )

@@ -21,6 +21,7 @@ from daemon.db import migrate, queue
 from daemon.db.engine import DatabaseMissing, DatabaseNotAtHead, make_engine
 from daemon.db.schema import Job, JobState
 from daemon.http import HttpService, HttpStartError
+from daemon.http.console import console_url
 from daemon.logsetup import kv
 from daemon.metrics import (
     Metrics,
@@ -180,6 +181,8 @@ class Service:
                     self.http.start(registry)
                 except HttpStartError as exc:
                     raise StartupError(str(exc)) from exc
+            url = console_url(self.settings.http, self.http.port)
+            log.info("operator console", extra=kv(url=url))
         self._echo_destinations()
         log.info(
             "serving",
@@ -222,10 +225,12 @@ class Service:
         self._scheduler_tick = time.monotonic()
 
     def _echo_destinations(self) -> None:
-        from daemon.dispatch.destinations import echo
+        """Probe each destination once at start (recorded, as the console shows it); while
+        the HTTP server runs, again every PROBE_SECONDS."""
+        from daemon.dispatch import probes
 
         for dest in self.settings.destinations:
-            outcome = echo(dest, self.settings.dicom.ae_title)
+            outcome = probes.probe(self.engine, self.settings, dest)
             if outcome.ok:
                 log.info("destination answers", extra=kv(destination=dest.name, echo=str(outcome)))
             else:
@@ -233,6 +238,16 @@ class Service:
                     "destination does not answer; reports will wait and retry",
                     extra=kv(destination=dest.name, echo=str(outcome)),
                 )
+        if self.http is not None and self.settings.destinations:
+            self.scheduler.add_job(
+                probes.probe_all,
+                "interval",
+                args=[self.engine, self.settings],
+                seconds=probes.PROBE_SECONDS,
+                id="probe-destinations",
+                coalesce=True,
+                max_instances=1,
+            )
 
     def health(self) -> list[str]:
         """What is wrong right now; empty when the watchdog may be petted."""

@@ -93,9 +93,6 @@ def _database_status(conn: Connection) -> dict[str, Any]:
     dispatches = dict(
         conn.execute(select(Dispatch.state, func.count()).group_by(Dispatch.state)).all()
     )
-    dead = conn.execute(
-        select(Job).where(Job.state == JobState.DEAD).order_by(Job.updated_at.desc()).limit(10)
-    ).all()
     waiting, soonest = queue.waiting_for_retry(conn)
     return {
         "studies": count(Study.id),
@@ -111,9 +108,23 @@ def _database_status(conn: Connection) -> dict[str, Any]:
         ),
         "last_sr_delivered": _iso(conn.execute(select(func.max(Dispatch.sent_at))).scalar_one()),
         "dead_letters": [
-            {"id": j.id, "kind": j.kind, "key": j.key, "last_error": j.last_error} for j in dead
+            {"id": j.id, "kind": j.kind, "key": j.key, "last_error": j.last_error}
+            for j in dead_letters(conn, 10)
         ],
     }
+
+
+def dead_letters(conn: Connection, limit: int, offset: int = 0) -> list[Any]:
+    """Dead jobs, the most recently failed first (they wait for an operator)."""
+    return list(
+        conn.execute(
+            select(Job)
+            .where(Job.state == JobState.DEAD)
+            .order_by(Job.updated_at.desc(), Job.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
+    )
 
 
 def _delivery_counts(conn: Connection, settings: Settings) -> dict[str, int]:
@@ -144,30 +155,35 @@ def collect_status(settings: Settings, *, echo: bool = True) -> dict[str, Any]:
         with engine.connect() as conn:
             report.update(_database_status(conn))
             report["deliveries"] = _delivery_counts(conn, settings)
+        report["destinations"] = [
+            _destination(settings, dest, echo, engine) for dest in settings.destinations
+        ]
     finally:
         engine.dispose()
     report["spool_dir"] = str(settings.storage.spool_dir)
     report["spool_free_bytes"] = _spool_free(settings)
-    report["destinations"] = _destinations(settings, echo)
     return report
 
 
-def _destinations(settings: Settings, echo: bool) -> list[dict[str, Any]]:
+def _destination(
+    settings: Settings, dest: Any, echo: bool, recorder: Engine | None
+) -> dict[str, Any]:
+    """A destination's address and, when `echo`, its answer (recorded, as the console shows)."""
+    from daemon.dispatch import probes
     from daemon.dispatch.destinations import echo as probe
 
-    out = []
-    for dest in settings.destinations:
-        entry: dict[str, Any] = {"name": dest.name, "kind": dest.kind}
-        if isinstance(dest, DicomWebDestination):
-            entry["address"] = dest.url
-        else:
-            entry.update(ae_title=dest.ae_title, address=f"{dest.host}:{dest.port}")
-        if echo:
-            outcome = probe(dest, settings.dicom.ae_title)
-            entry["echo"] = str(outcome)
-            entry["echo_ok"] = outcome.ok
-        out.append(entry)
-    return out
+    entry: dict[str, Any] = {"name": dest.name, "kind": dest.kind}
+    if isinstance(dest, DicomWebDestination):
+        entry["address"] = dest.url
+    else:
+        entry.update(ae_title=dest.ae_title, address=f"{dest.host}:{dest.port}")
+    if echo:
+        outcome = probe(dest, settings.dicom.ae_title)
+        if recorder is not None:
+            probes.record(recorder, dest.name, outcome)
+        entry["echo"] = str(outcome)
+        entry["echo_ok"] = outcome.ok
+    return entry
 
 
 def _human_bytes(n: int | None) -> str:
@@ -387,14 +403,15 @@ def render_job_detail(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _audit_operator(conn: Connection, event: str, job_id: int) -> None:
-    """Audit an operator's decision on a job: its id, kind and study, nothing more."""
+def _audit_operator(conn: Connection, event: str, job_id: int, by: str | None) -> None:
+    """Audit an operator's decision on a job: its id, kind and study (and who, when known)."""
     row = conn.execute(
         select(Job.kind, Study.study_uid)
         .join(Study, Study.id == Job.study_id, isouter=True)
         .where(Job.id == job_id)
     ).one()
-    audit.record(conn, event, study_uid=row.study_uid, job=job_id, kind=row.kind)
+    who = {"by": by} if by else {}
+    audit.record(conn, event, study_uid=row.study_uid, job=job_id, kind=row.kind, **who)
 
 
 def _operator_action(
@@ -404,6 +421,7 @@ def _operator_action(
     dispatch_from: tuple[str, ...],
     dispatch_to: str,
     event: str,
+    by: str | None,
 ) -> bool:
     """Apply an operator's queue action; the job's outbox row follows and the act is audited."""
     engine = _engine(settings)
@@ -419,14 +437,17 @@ def _operator_action(
                     .where(Dispatch.id == dispatch_id, Dispatch.state.in_(dispatch_from))
                     .values(state=dispatch_to, updated_at=utcnow())
                 )
-            _audit_operator(conn, event, job_id)
+            _audit_operator(conn, event, job_id, by)
         return True
     finally:
         engine.dispose()
 
 
-def operator_retry(settings: Settings, job_id: int) -> bool:
-    """Revive a dead job; a dead dispatch row comes back to pending with it."""
+def operator_retry(settings: Settings, job_id: int, by: str | None = None) -> bool:
+    """Revive a dead job; a dead dispatch row comes back to pending with it.
+
+    `by` names who asked (the console's user), recorded in the audit event.
+    """
     return _operator_action(
         settings,
         job_id,
@@ -434,11 +455,12 @@ def operator_retry(settings: Settings, job_id: int) -> bool:
         (DispatchState.DEAD, DispatchState.CANCELLED),
         DispatchState.PENDING,
         audit.JOB_RETRIED,
+        by,
     )
 
 
-def operator_cancel(settings: Settings, job_id: int) -> bool:
-    """Cancel a job; its dispatch row, if any, is marked cancelled."""
+def operator_cancel(settings: Settings, job_id: int, by: str | None = None) -> bool:
+    """Cancel a job; its dispatch row, if any, is marked cancelled (`by`: as for retry)."""
     return _operator_action(
         settings,
         job_id,
@@ -446,4 +468,5 @@ def operator_cancel(settings: Settings, job_id: int) -> bool:
         (DispatchState.PENDING,),
         DispatchState.CANCELLED,
         audit.JOB_CANCELLED,
+        by,
     )

@@ -122,6 +122,9 @@ class ChainCheck:
     rows: int
     broken_id: int | None = None
     reason: str | None = None
+    # The last intact row, where a later walk may resume (`verify(conn, since=check)`).
+    last_id: int | None = None
+    last_hash: str = GENESIS_HASH
 
     @property
     def intact(self) -> bool:
@@ -135,24 +138,28 @@ class ChainCheck:
         return f"audit row {self.broken_id} is broken: {self.reason}"
 
 
-def verify(conn: Connection) -> ChainCheck:
-    """Walk the chain in id order; stop at the first row whose hash or link does not hold."""
-    rows = conn.execute(
-        select(
-            AuditEvent.id,
-            AuditEvent.created_at,
-            AuditEvent.event,
-            AuditEvent.study_uid,
-            AuditEvent.detail,
-            AuditEvent.prev_hash,
-            AuditEvent.hash,
-        )
-        .order_by(AuditEvent.id)
-        .execution_options(yield_per=1000)
+def verify(conn: Connection, since: ChainCheck | None = None) -> ChainCheck:
+    """Walk the chain in id order; stop at the first row whose hash or link does not hold.
+
+    `since`, an intact earlier check, resumes after its last row (the rows it covered are
+    not read again): what a page that shows the chain's state calls each time.
+    """
+    stmt = select(
+        AuditEvent.id,
+        AuditEvent.created_at,
+        AuditEvent.event,
+        AuditEvent.study_uid,
+        AuditEvent.detail,
+        AuditEvent.prev_hash,
+        AuditEvent.hash,
     )
     prev_id: int | None = None
     prev_hash = GENESIS_HASH
     count = 0
+    if since is not None and since.intact and since.last_id is not None:
+        stmt = stmt.where(AuditEvent.id > since.last_id)
+        prev_id, prev_hash, count = since.last_id, since.last_hash, since.rows
+    rows = conn.execute(stmt.order_by(AuditEvent.id).execution_options(yield_per=1000))
     for row in rows:
         if row.prev_hash != prev_hash:
             where = "the start of the chain" if prev_id is None else f"row {prev_id}"
@@ -162,4 +169,4 @@ def verify(conn: Connection) -> ChainCheck:
             return ChainCheck(count, row.id, "hash does not match its content")
         prev_id, prev_hash = row.id, row.hash
         count += 1
-    return ChainCheck(count)
+    return ChainCheck(count, last_id=prev_id, last_hash=prev_hash)

@@ -24,19 +24,25 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5, create: bool = True) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, create: bool = True, read_only: bool = False
+) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE.
 
     With `create` false, an SQLite file (or its directory) that does not exist is never
     made: connecting raises `DatabaseMissing` instead (commands that only read, and serve).
+    `read_only`: for pages that only read (the console). Its transactions never write, so on
+    SQLite they begin deferred and read a WAL snapshot without taking the write lock the
+    receiver's commits wait on; on PostgreSQL they are READ ONLY.
     """
     parsed = make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(
+        engine = create_engine(
             parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
+        return engine.execution_options(postgresql_readonly=True) if read_only else engine
     on_disk = parsed.database and parsed.database != ":memory:"
     if on_disk and create:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +50,7 @@ def make_engine(url: str, *, pool_size: int = 5, create: bool = True) -> Engine:
         parsed,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
     )
-    _configure_sqlite(engine)
+    _configure_sqlite(engine, read_only)
     if on_disk and not create:
         _refuse_missing(engine, Path(parsed.database))
     return engine
@@ -59,7 +65,7 @@ def _refuse_missing(engine: Engine, path: Path) -> None:
             raise DatabaseMissing(f"database {engine.url} does not exist")
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so BEGIN IMMEDIATE is ours to emit.
@@ -69,10 +75,13 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=FULL")
+        if read_only:
+            cur.execute("PRAGMA query_only=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Every transaction takes the write lock up front: a deferred transaction that later
         # writes can fail with "database is locked" no matter how long the busy timeout is.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only engine never writes, so its snapshot reads need no lock.
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

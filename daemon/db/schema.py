@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -86,9 +87,17 @@ class Instance(Base):
     """One stored file; a changed resend adds a row and marks the older one superseded."""
 
     __tablename__ = "instances"
-    __table_args__ = (UniqueConstraint("sop_instance_uid", "sha256"),)
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256"),
+        # Every look-up by study, and the console's: a study's open version, its counts and
+        # calling AEs (from the index alone), the studies of a calling AE, and what arrived
+        # in the last minutes and hours.
+        Index("ix_instances_study", "study_id", "study_version", "calling_ae"),
+        Index("ix_instances_calling_ae_study_id", "calling_ae", "study_id"),
+        Index("ix_instances_received_at", "received_at"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
@@ -117,12 +126,16 @@ class Job(Base):
     """A unit of work with a lease; the queue in `daemon.db.queue` is its only writer."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "run_after"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "run_after"),
+        # Every look-up by study, and the console's: where each study stands.
+        Index("ix_jobs_study_id_state", "study_id", "state"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     key: Mapped[str] = mapped_column(String(255), unique=True)
     study_id: Mapped[int | None] = mapped_column(
-        ForeignKey("studies.id", ondelete="CASCADE"), nullable=True, index=True
+        ForeignKey("studies.id", ondelete="CASCADE"), nullable=True
     )
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
@@ -171,7 +184,8 @@ class Report(Base):
     kind: Mapped[str] = mapped_column(String(16), default="sr", server_default="sr")
     path: Mapped[str] = mapped_column(Text)
     fallback_path: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Indexed for the console's chart of studies reported per hour.
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class DispatchState(enum.StrEnum):
@@ -192,7 +206,11 @@ class Dispatch(Base):
     """The outbox: one row per report and destination, sent by a `dispatch` job."""
 
     __tablename__ = "dispatches"
-    __table_args__ = (UniqueConstraint("report_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination"),
+        # The console: each destination's last delivery.
+        Index("ix_dispatches_destination_sent_at", "destination", "sent_at"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
@@ -300,3 +318,25 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class DestinationProbe(Base):
+    """The last C-ECHO (or QIDO-RS probe) of each destination, so pages read, never probe."""
+
+    __tablename__ = "destination_probes"
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    answer: Mapped[str] = mapped_column(Text)
+    probed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A signed-in console user; the cookie holds a random token, the row only its sha256."""
+
+    __tablename__ = "console_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

@@ -1,7 +1,7 @@
 """The ASGI app: route groups mounted side by side, one refusal handler, optional CORS.
 
 A route group is a module with `routes()` (health and metrics at the root, DICOMweb under
-/dicomweb; the operator console can mount beside them) whose endpoints reach the shared
+/dicomweb; the operator console, an app of its own, under /console) whose endpoints reach the shared
 `HttpContext` and ask its `Authenticator` for the permission they need. Every refused
 request (401, 403, 404, 405, 408, 413, 415, ...) is answered and logged here, once.
 """
@@ -19,30 +19,20 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon.http import dicomweb, health
-from daemon.http.context import STATE_KEY, HttpContext, peer
-from daemon.logsetup import kv
+from daemon.http import console, dicomweb, health
+from daemon.http.context import STATE_KEY, HttpContext, log_refusal
 
 log = logging.getLogger(__name__)
 
 DICOMWEB_ROOT = "/dicomweb"
 # Known first path segments, the `route` label of the request counter (others: "other").
-ROUTE_LABELS = ("dicomweb", "healthz", "readyz", "metrics")
+ROUTE_LABELS = ("dicomweb", "healthz", "readyz", "metrics", "console")
 
 
 async def refused(request: Request, exc: Exception) -> Response:
     """Answer an HTTPException (ours or the router's) and log it as one line."""
     assert isinstance(exc, HTTPException)
-    log.warning(
-        "http request refused",
-        extra=kv(
-            status=exc.status_code,
-            reason=exc.detail,
-            method=request.method,
-            path=request.url.path[:200],
-            peer=peer(request),
-        ),
-    )
+    log_refusal(request, exc)
     return PlainTextResponse(exc.detail + "\n", status_code=exc.status_code, headers=exc.headers)
 
 
@@ -83,7 +73,11 @@ def build_app(ctx: HttpContext) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*health.routes(), Mount(DICOMWEB_ROOT, routes=dicomweb.routes())],
+        routes=[
+            *health.routes(),
+            Mount(DICOMWEB_ROOT, routes=dicomweb.routes()),
+            *console.mounted(ctx),
+        ],
         middleware=middleware,
         exception_handlers={HTTPException: refused},
     )

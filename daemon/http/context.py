@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sqlalchemy import Engine
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from daemon.config import Settings
 from daemon.dicom import status
 from daemon.http.auth import Authenticator
+from daemon.logsetup import kv
 from daemon.metrics import Metrics
 from daemon.receive.ingest import Answer, Ingestor
+
+log = logging.getLogger("daemon.http.app")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +28,7 @@ class HttpContext:
     Attributes
     ----------
     health: what is wrong with the service now (empty: the watchdog would be petted).
+    reader: the service's database through a read-only engine (the console's pages).
     ready: whether the service has started and is not draining.
     registry: the Prometheus registry `/metrics` exposes (every process's counters).
     """
@@ -33,6 +40,8 @@ class HttpContext:
     ready: Callable[[], bool]
     registry: Any = None
     metrics: Metrics | None = None
+    # Read-only connections for pages (the console): snapshot reads, no write lock.
+    reader: Engine | None = None
 
     def count_instances(self, sender: str, answers: Sequence[Answer]) -> None:
         """Count STOW-RS instances as C-STORE's are counted (by sender and status)."""
@@ -58,3 +67,18 @@ def peer(conn: HTTPConnection) -> str:
     """`host:port` of the client, for log lines."""
     client = conn.client
     return f"{client.host}:{client.port}" if client else "-"
+
+
+def log_refusal(conn: HTTPConnection, exc: HTTPException, level: int = logging.WARNING) -> None:
+    """The one line a refused request is logged as (every route group writes it this way)."""
+    log.log(
+        level,
+        "http request refused",
+        extra=kv(
+            status=exc.status_code,
+            reason=exc.detail,
+            method=conn.scope.get("method", "-"),
+            path=conn.url.path[:200],
+            peer=peer(conn),
+        ),
+    )

@@ -174,7 +174,10 @@ def server_ssl_context(http: HttpSettings) -> ssl.SSLContext | None:
 def bind_socket(http: HttpSettings) -> socket.socket:
     """The listening socket, bound now so a port in use fails the start naming it."""
     family = socket.AF_INET6 if ":" in http.bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, or asyncio leaves Nagle on for the accepted connections (it sets
+    # TCP_NODELAY only on sockets that say TCP): every kept-alive response then waited
+    # ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((http.bind, http.port))

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from daemon.config import HttpSettings, Settings
+from daemon.db.engine import make_engine
 from daemon.http.app import build_app
 from daemon.http.auth import Authenticator
 from daemon.http.context import HttpContext
@@ -20,6 +21,8 @@ from daemon.spool import Spool
 
 log = logging.getLogger(__name__)
 
+READER_POOL = 4
+
 
 def warn_if_open(http: HttpSettings, logger: logging.Logger = log) -> bool:
     """Warn when anyone may store or read without credentials (or nobody at all); True if so."""
@@ -29,9 +32,10 @@ def warn_if_open(http: HttpSettings, logger: logging.Logger = log) -> bool:
             extra=kv(roles=",".join(http.anonymous), port=http.port),
         )
         return True
-    if not http.tokens and not (http.tls and http.tls.client_role):
+    if not http.tokens and not http.users and not (http.tls and http.tls.client_role):
         logger.warning(
-            "http: no [[http.tokens]] and no [http.tls] client_role: only health answers",
+            "http: no [[http.tokens]], [[http.users]] or [http.tls] client_role: "
+            "only health answers",
             extra=kv(port=http.port),
         )
         return True
@@ -58,6 +62,10 @@ class HttpService:
     ) -> None:
         self.settings = settings
         self.ingestor = Ingestor(spool, engine, settings.storage.min_free_mb * 2**20, on_stored)
+        self.reader = make_engine(
+            engine.url.render_as_string(hide_password=False), pool_size=READER_POOL,
+            read_only=True,
+        )
         self._health = health
         self._ready = ready
         self._metrics = metrics
@@ -74,6 +82,7 @@ class HttpService:
             ready=self._ready,
             registry=registry,
             metrics=self._metrics,
+            reader=self.reader,
         )
         self.server = HttpServer(self.settings.http, build_app(ctx))
         self.server.start()
@@ -90,3 +99,4 @@ class HttpService:
         if self.server is not None:
             self.server.stop(drain_seconds)
         self.ingestor.close()
+        self.reader.dispose()

@@ -84,7 +84,11 @@ def start_face(engine: Engine, tmp_path: Path) -> Iterator[StartFace]:
         tokens, entries = role_tokens(ROLES)
         config = {"bind": "127.0.0.1", "port": free_port(), "tokens": entries, **http}
         settings = Settings(
-            storage={"spool_dir": str(tmp_path / "spool"), "min_free_mb": min_free_mb},
+            storage={
+                "spool_dir": str(tmp_path / "spool"),
+                "min_free_mb": min_free_mb,
+                "database_url": engine.url.render_as_string(hide_password=False),
+            },
             http=config,
         )
         spool = Spool(

@@ -1,6 +1,6 @@
 """modality services: MPPS steps, storage commitment requests, why a version closed
 
-Revision ID: i15
+Revision ID: 0003
 Revises: 0002
 """
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "i15"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
