@@ -94,6 +94,8 @@ def fit_depth(stack: np.ndarray, depth: int) -> np.ndarray:
 def _merged(stack: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Slices at the same position (duplicates) averaged into one, positions increasing."""
     starts = np.flatnonzero(np.diff(positions, prepend=-np.inf) >= DUPLICATE_TOLERANCE_MM)
+    if len(starts) == len(positions):
+        return stack, positions  # no duplicates: nothing to average (or to copy)
     counts = np.diff(np.append(starts, len(positions)))
     sums = np.add.reduceat(stack, starts, axis=0)
     return sums / counts.reshape(-1, *([1] * (stack.ndim - 1))), positions[starts]
