@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing {tool}", file=sys.stderr)
             return 2
 
-    from bench.inference import _write_models
+    from bench.inference import seed_pair
     from daemon.config import AssemblySettings
     from tests.daemon_proc import Daemon
     from tests.peers import Orthanc
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Orthanc (TCP_NODELAY=1); 1 warm-up study + {args.repeats} per mode; "
               f"load {loadavg()}", flush=True)
         print(f"peers' documented waits after the last image: {PEER_WAITS}", flush=True)
-        models_dir = _write_models(root / "models", seed=7)
+        models_dir = seed_pair(root / "models", seed=7)
         plan = [("warm-up", "evidence")] + [
             (f"run {i + 1}", mode) for i in range(args.repeats) for mode in modes
         ]

@@ -64,7 +64,7 @@ def _folder(root: Path, fields: dict, source: Path | None = None) -> Path:
     return folder
 
 
-def _seed_pair(root: Path, seed: int) -> Path:
+def seed_pair(root: Path, seed: int) -> Path:
     """Seed-architecture CNN and LSTM with random but seeded weights, as real model folders."""
     keras.utils.set_random_seed(seed)
     for fields in ({"name": "bench-cnn", "kind": "cnn", "input_shape": [224, 224, 3]},
@@ -184,7 +184,7 @@ def main() -> None:
         paths = write_series(root / "series", slices=args.slices, rows=args.size,
                              cols=args.size, lesion=True, seed=7)
         info = SeriesInfo.from_files(paths)
-        seed_dir = _seed_pair(root / "seed", seed=7)
+        seed_dir = seed_pair(root / "seed", seed=7)
         dirs = {"seed": seed_dir,
                 "onnx": _onnx_pair(root / "onnx", seed_dir, root / "scratch"),
                 "keras": _keras_model(root / "keras", root / "scratch", seed=7)}
