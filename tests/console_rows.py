@@ -141,6 +141,20 @@ class Filled:
     stages: dict[str, str]  # study UID -> what it was filled as
 
 
+# The tables filled here, each with explicit ids.
+TABLES = (
+    "studies",
+    "series",
+    "instances",
+    "closed_versions",
+    "jobs",
+    "results",
+    "reports",
+    "dispatches",
+    "audit",
+)
+
+
 class _Ids:
     """Explicit ids, after those the tables hold already."""
 
@@ -148,16 +162,7 @@ class _Ids:
         with engine.connect() as conn:
             self.next = {
                 t: int(conn.execute(text(f"SELECT COALESCE(max(id), 0) FROM {t}")).scalar_one())
-                for t in (
-                    "studies",
-                    "series",
-                    "instances",
-                    "closed_versions",
-                    "jobs",
-                    "results",
-                    "reports",
-                    "dispatches",
-                )
+                for t in TABLES
             }
 
     def __call__(self, table: str) -> int:
@@ -475,17 +480,7 @@ def _advance_sequences(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
-        for table in (
-            "studies",
-            "series",
-            "instances",
-            "closed_versions",
-            "jobs",
-            "results",
-            "reports",
-            "dispatches",
-            "audit",
-        ):
+        for table in TABLES:
             conn.execute(
                 text(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

@@ -110,9 +110,14 @@ def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
 
 
-def _stage_columns(now: dt.datetime, waits: Waits) -> tuple[Any, Any]:
-    """A study's stage and what it waits for, as labelled columns."""
+def _study_columns(now: dt.datetime, waits: Waits) -> tuple[Any, ...]:
+    """A study's row as the pages show it: its arrivals, stage and what it waits for."""
     return (
+        Study.id,
+        Study.study_uid,
+        Study.version,
+        Study.first_received_at,
+        Study.last_received_at,
         stage_of(stages(now, waits)).label("state"),
         waiting_for(now, waits).label("waiting_for"),
     )
@@ -139,16 +144,7 @@ def study_page(conn: Connection, f: StudyFilter, waits: Waits) -> StudyPage:
     )
     ids = page_ids[:PAGE_SIZE]
     shown = conn.execute(
-        select(
-            Study.id,
-            Study.study_uid,
-            Study.version,
-            Study.first_received_at,
-            Study.last_received_at,
-            *_stage_columns(now, waits),
-        )
-        .where(Study.id.in_(ids))
-        .order_by(*newest_first)
+        select(*_study_columns(now, waits)).where(Study.id.in_(ids)).order_by(*newest_first)
     ).all()
     counts = dict(
         conn.execute(
@@ -443,14 +439,7 @@ def study_record(conn: Connection, study_uid: str, waits: Waits) -> StudyRecord 
     """The study's rows, or None when the UID is unknown."""
     now = utcnow()
     study = conn.execute(
-        select(
-            Study.id,
-            Study.study_uid,
-            Study.version,
-            Study.first_received_at,
-            Study.last_received_at,
-            *_stage_columns(now, waits),
-        ).where(Study.study_uid == study_uid)
+        select(*_study_columns(now, waits)).where(Study.study_uid == study_uid)
     ).one_or_none()
     if study is None:
         return None
