@@ -262,35 +262,18 @@ def _study_rows(
     rows.jobs.append(analyse)
     if stage == "analysing":
         return stage
-    for k in range(min(per_study, 10)):
-        for label in ("normal", "lesion"):
+    # Each of (up to) ten images scored alike for both labels, then the series (sop None).
+    scored: list[tuple[str | None, dict[str, float]]] = [
+        (f"{uid}.1.{k}", dict.fromkeys(CODES, (k * 37 % 100) / 100))
+        for k in range(min(per_study, 10))
+    ]
+    scored.append((None, {"normal": 0.7, "lesion": 0.3}))
+    for sop, probabilities in scored:
+        level = "series" if sop is None else "image"
+        for label, p in probabilities.items():
             rows.results.append(
-                _result(
-                    ids,
-                    analyse["id"],
-                    study_id,
-                    s_uid,
-                    "image",
-                    f"{uid}.1.{k}",
-                    label,
-                    (k * 37 % 100) / 100,
-                    last,
-                )
+                _result(ids, analyse["id"], study_id, s_uid, level, sop, label, p, last)
             )
-    for label in ("normal", "lesion"):
-        rows.results.append(
-            _result(
-                ids,
-                analyse["id"],
-                study_id,
-                s_uid,
-                "series",
-                None,
-                label,
-                0.3 if label == "lesion" else 0.7,
-                last,
-            )
-        )
     rows.jobs.append(_job(ids, "report", f"report:{uid}:v1", study_id, "done", last, payload))
     report_id = ids("reports")
     rows.reports.append(
