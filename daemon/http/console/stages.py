@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from sqlalchemy import ColumnElement, and_, case, exists, literal, not_, or_
 
 from daemon.assemble.rules import Waits
+from daemon.db import mpps
 from daemon.db.keys import ANALYSE, EMBED, REPORT
 from daemon.db.schema import (
     Dispatch,
@@ -146,20 +147,15 @@ def in_stage(tests: list[Stage], name: str) -> ColumnElement[bool]:
 
 
 def _steps(*states: MppsState) -> ColumnElement[bool]:
-    """The study has a live MPPS step (not yet taken by a closed version, nor expired) in
-    one of `states` (probed on ix_mpps_steps_study_uid)."""
-    return exists().where(
-        MppsStep.study_uid == Study.study_uid,
-        MppsStep.state.in_(list(states)),
-        MppsStep.closed_version.is_(None),
-        MppsStep.expired_at.is_(None),
-    )
+    """The study has an MPPS step the assembler still waits on in one of `states` (probed on
+    ix_mpps_steps_study_uid)."""
+    return exists().where(mpps.live(Study.study_uid), MppsStep.state.in_(list(states)))
 
 
 def waiting_for(now: dt.datetime, waits: Waits) -> ColumnElement[str]:
     """What a waiting study's open version waits for (meaningful only for WAITING)."""
     rules: list[tuple[ColumnElement[bool], ColumnElement[str]]] = [
-        (_steps(MppsState.COMPLETED, MppsState.DISCONTINUED), literal(MPPS_IMAGES)),
+        (_steps(*mpps.FINAL), literal(MPPS_IMAGES)),
         (_steps(MppsState.IN_PROGRESS), literal(MPPS)),
     ]
     if waits.evidence is not None:
