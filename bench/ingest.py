@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -300,10 +299,11 @@ def measure(
 ) -> float:
     times = []
     for r in range(repeats):
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-{r}-", dir=root))
-        with target(work) as (port, aet):
+        with (
+            tempfile.TemporaryDirectory(prefix=f"{name}-{r}-", dir=root) as work,
+            target(Path(work)) as (port, aet),
+        ):
             times.append(send(port, aet, batches))
-        shutil.rmtree(work, ignore_errors=True)
     med = statistics.median(times)
     n = sum(len(b) for b in batches)
     runs = " ".join(f"{t:.2f}" for t in times)
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing {tool}", file=sys.stderr)
             return 2
 
-    root = Path(tempfile.mkdtemp(prefix="pacsai-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="pacsai-bench-") as tmp:
+        root = Path(tmp)
         data = root / "data"
         one = [write_ct_series(data / "one", args.slices, seed=1)]
         many = [
@@ -391,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         for line in lines:
             print(line)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

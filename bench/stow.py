@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bench.ingest import write_ct_series
 
-    root = Path(tempfile.mkdtemp(prefix="pacsai-bench-stow-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="pacsai-bench-stow-") as tmp:
+        root = Path(tmp)
         files = write_ct_series(root / "data", args.slices, seed=1)
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         per = -(-len(files) // args.clients)
@@ -196,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         for load, batches in loads.items():
             for r in range(args.repeats):
                 for name, target in targets.items():
-                    work = Path(tempfile.mkdtemp(prefix=f"{name}-{load}-{r}-", dir=root))
-                    with target(work) as (url, token):
+                    with (
+                        tempfile.TemporaryDirectory(prefix=f"{name}-{load}-{r}-", dir=root) as work,
+                        target(Path(work)) as (url, token),
+                    ):
                         seconds, total = run_clients(url, token, batches)
                     times.setdefault((load, name), []).append(seconds)
                     totals.setdefault((load, name), []).append(total)
-                    shutil.rmtree(work, ignore_errors=True)
                     print(
                         f"  {load:<4} {name:<8} run {r + 1}: {seconds:6.2f} s "
                         f"(with the client's encoding {total:.2f} s)",
@@ -222,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         for line in lines:
             print(line)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

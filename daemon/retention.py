@@ -28,7 +28,17 @@ from sqlalchemy import Connection, Engine, Row, exists, select, update
 from daemon.config import Destination, Settings
 from daemon.db import audit
 from daemon.db.deliveries import VERIFY_NONE
-from daemon.db.schema import Dispatch, DispatchState, Instance, Job, JobState, Report, Study, utcnow
+from daemon.db.schema import (
+    Dispatch,
+    DispatchState,
+    Instance,
+    Job,
+    JobState,
+    Report,
+    ReportKind,
+    Study,
+    utcnow,
+)
 from daemon.logsetup import kv
 from daemon.spool import Spool
 
@@ -61,7 +71,7 @@ def _latest_sr(conn: Connection, study_id: int) -> Row[Any] | None:
     """The SR of the study's newest reported version: only its delivery counts."""
     return conn.execute(
         select(Report)
-        .where(Report.study_id == study_id, Report.kind == "sr")
+        .where(Report.study_id == study_id, Report.kind == ReportKind.SR)
         .order_by(Report.study_version.desc(), Report.id.desc())
         .limit(1)
     ).one_or_none()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 from collections.abc import Callable
@@ -11,11 +12,14 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from daemon import __version__
 from daemon.config import DicomWebDestination, Settings
-from daemon.db import audit, migrate, queue
+from daemon.db import audit, commitments, migrate, queue
 from daemon.db.deliveries import VERIFY_NONE
+from daemon.db.keys import COMMITMENT_REPORT
 from daemon.db.schema import (
     REPORT_KIND_NAMES,
     ClosedVersion,
+    CommitmentRequest,
+    CommitmentState,
     Dispatch,
     DispatchState,
     Instance,
@@ -282,36 +286,61 @@ def show_job(settings: Settings, job_id: int) -> dict[str, Any] | None:
     engine = _engine(settings)
     try:
         with engine.connect() as conn:
-            job = conn.execute(select(Job).where(Job.id == job_id)).one_or_none()
-            if job is None:
-                return None
-            out = _job_row(job)
-            results = conn.execute(
-                select(Result).where(Result.job_id == job_id).order_by(Result.id)
-            ).all()
-            out["results"] = [
-                {
-                    "series_uid": r.series_uid,
-                    "model": r.model_name,
-                    "model_version": r.model_version,
-                    "weights_sha256": r.weights_sha256,
-                    "level": r.level,
-                    "sop_instance_uid": r.sop_instance_uid,
-                    "frame_number": r.frame_number,
-                    "label": r.label,
-                    "probability": r.probability,
-                    "error": r.error,
-                }
-                for r in results
-            ]
-            if job.study_id is not None:
-                study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
-                out["study_uid"] = study.study_uid
-                out.update(_closed(conn, job.study_id, job.payload.get("study_version")))
-                out["reports"] = _study_reports(conn, job.study_id)
-            return out
+            return job_detail(conn, job_id)
     finally:
         engine.dispose()
+
+
+def job_detail(conn: Connection, job_id: int) -> dict[str, Any] | None:
+    """`jobs show` as plain data (the console's job page reads it too): the job, its
+    results, why its study version closed and its study's reports, or for a commitment
+    report the modality's request; None when there is no such job."""
+    job = conn.execute(select(Job).where(Job.id == job_id)).one_or_none()
+    if job is None:
+        return None
+    out = _job_row(job)
+    results = conn.execute(select(Result).where(Result.job_id == job_id).order_by(Result.id)).all()
+    out["results"] = [
+        {
+            "series_uid": r.series_uid,
+            "model": r.model_name,
+            "model_version": r.model_version,
+            "weights_sha256": r.weights_sha256,
+            "level": r.level,
+            "sop_instance_uid": r.sop_instance_uid,
+            "frame_number": r.frame_number,
+            "label": r.label,
+            "probability": r.probability,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    if job.study_id is not None:
+        study = conn.execute(select(Study).where(Study.id == job.study_id)).one()
+        out["study_uid"] = study.study_uid
+        out.update(_closed(conn, job.study_id, job.payload.get("study_version")))
+        out["reports"] = _study_reports(conn, job.study_id)
+    if job.kind == COMMITMENT_REPORT:
+        out["commitment"] = _commitment(conn, int(job.payload["request_id"]))
+    return out
+
+
+def _commitment(conn: Connection, request_id: int) -> dict[str, Any] | None:
+    """The Storage Commitment request a report job answers: who asked, for what, and how."""
+    row = commitments.load(conn, request_id)
+    if row is None:
+        return None
+    return {
+        "transaction_uid": row.transaction_uid,
+        "calling_ae": row.calling_ae,
+        "state": row.state,
+        "requested": len(row.requested),
+        "committed": None if row.committed is None else len(row.committed),
+        "failed": None if row.failed is None else len(row.failed),
+        "received_at": _iso(row.received_at),
+        "reported_at": _iso(row.reported_at),
+        "last_status": row.last_status,
+    }
 
 
 def _closed(conn: Connection, study_id: int, version: Any) -> dict[str, Any]:
@@ -330,6 +359,8 @@ def _closed(conn: Connection, study_id: int, version: Any) -> dict[str, Any]:
         "closed_at": _iso(row.closed_at),
         "closed_detail": row.detail,
     }
+
+
 def _study_reports(conn: Connection, study_id: int) -> list[dict[str, Any]]:
     """Every report of the study (SR or heatmap, where its file is) and its deliveries."""
     reports = conn.execute(
@@ -382,7 +413,18 @@ def _study_reports(conn: Connection, study_id: int) -> list[dict[str, Any]]:
 
 
 def render_job_detail(job: dict[str, Any]) -> str:
-    lines = [f"{k}: {v}" for k, v in job.items() if k not in ("results", "reports")]
+    lines = [f"{k}: {v}" for k, v in job.items() if k not in ("results", "reports", "commitment")]
+    if job.get("commitment"):
+        c = job["commitment"]
+        decided = (
+            "not decided yet"
+            if c["committed"] is None
+            else f"{c['committed']} committed, {c['failed']} failed"
+        )
+        lines.append(
+            f"  commitment {c['transaction_uid']} from {c['calling_ae']}: {c['state']}, "
+            f"{c['requested']} instance(s) requested, {decided}"
+        )
     for r in job.get("results", []):
         where = r["sop_instance_uid"] or r["series_uid"]
         value = r["error"] or f"{r['label']} {r['probability']:.4f}"
@@ -395,8 +437,7 @@ def render_job_detail(job: dict[str, Any]) -> str:
         for d in rep["deliveries"]:
             status = f": {d['last_status']}" if d["last_status"] else ""
             lines.append(
-                f"    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s)"
-                f"{status}"
+                f"    -> {d['destination']}: {d['state']} after {d['attempts']} attempt(s){status}"
             )
         if not rep["deliveries"]:
             lines.append("    -> no destination (see `pacs-ai reports send`)")
@@ -414,29 +455,64 @@ def _audit_operator(conn: Connection, event: str, job_id: int, by: str | None) -
     audit.record(conn, event, study_uid=row.study_uid, job=job_id, kind=row.kind, **who)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Follows:
+    """Where an operator's decision on a job moves the row the job works for: its outbox
+    row (a dispatch), or the modality's Storage Commitment request (a commitment report):
+    (from these states, to that one)."""
+
+    dispatch: tuple[tuple[DispatchState, ...], DispatchState]
+    commitment: tuple[tuple[CommitmentState, ...], CommitmentState]
+
+
+RETRY_FOLLOWS = _Follows(
+    dispatch=((DispatchState.DEAD, DispatchState.CANCELLED), DispatchState.PENDING),
+    commitment=((CommitmentState.DEAD, CommitmentState.CANCELLED), CommitmentState.PENDING),
+)
+CANCEL_FOLLOWS = _Follows(
+    dispatch=((DispatchState.PENDING,), DispatchState.CANCELLED),
+    commitment=((CommitmentState.PENDING,), CommitmentState.CANCELLED),
+)
+
+
+def _follow(conn: Connection, job_id: int, follows: _Follows) -> None:
+    """Move the row the job works for as `follows` says (in the caller's transaction)."""
+    job = conn.execute(select(Job.kind, Job.payload).where(Job.id == job_id)).one()
+    payload = job.payload or {}
+    if payload.get("dispatch_id") is not None:
+        states, to = follows.dispatch
+        conn.execute(
+            update(Dispatch)
+            .where(Dispatch.id == payload["dispatch_id"], Dispatch.state.in_(states))
+            .values(state=to, updated_at=utcnow())
+        )
+    if job.kind == COMMITMENT_REPORT:
+        states, to = follows.commitment
+        conn.execute(
+            update(CommitmentRequest)
+            .where(
+                CommitmentRequest.id == payload["request_id"], CommitmentRequest.state.in_(states)
+            )
+            .values(state=to)
+        )
+
+
 def _operator_action(
     settings: Settings,
     job_id: int,
     action: Callable[[Engine, int], bool],
-    dispatch_from: tuple[str, ...],
-    dispatch_to: str,
+    follows: _Follows,
     event: str,
     by: str | None,
 ) -> bool:
-    """Apply an operator's queue action; the job's outbox row follows and the act is audited."""
+    """Apply an operator's queue action; the row the job works for follows and the act is
+    audited."""
     engine = _engine(settings)
     try:
         if not action(engine, job_id):
             return False
         with engine.begin() as conn:
-            payload = conn.execute(select(Job.payload).where(Job.id == job_id)).scalar_one()
-            dispatch_id = (payload or {}).get("dispatch_id")
-            if dispatch_id is not None:
-                conn.execute(
-                    update(Dispatch)
-                    .where(Dispatch.id == dispatch_id, Dispatch.state.in_(dispatch_from))
-                    .values(state=dispatch_to, updated_at=utcnow())
-                )
+            _follow(conn, job_id, follows)
             _audit_operator(conn, event, job_id, by)
         return True
     finally:
@@ -444,29 +520,15 @@ def _operator_action(
 
 
 def operator_retry(settings: Settings, job_id: int, by: str | None = None) -> bool:
-    """Revive a dead job; a dead dispatch row comes back to pending with it.
+    """Revive a dead or cancelled job; its dispatch row or commitment request comes back
+    to pending with it.
 
     `by` names who asked (the console's user), recorded in the audit event.
     """
-    return _operator_action(
-        settings,
-        job_id,
-        queue.retry,
-        (DispatchState.DEAD, DispatchState.CANCELLED),
-        DispatchState.PENDING,
-        audit.JOB_RETRIED,
-        by,
-    )
+    return _operator_action(settings, job_id, queue.retry, RETRY_FOLLOWS, audit.JOB_RETRIED, by)
 
 
 def operator_cancel(settings: Settings, job_id: int, by: str | None = None) -> bool:
-    """Cancel a job; its dispatch row, if any, is marked cancelled (`by`: as for retry)."""
-    return _operator_action(
-        settings,
-        job_id,
-        queue.cancel,
-        (DispatchState.PENDING,),
-        DispatchState.CANCELLED,
-        audit.JOB_CANCELLED,
-        by,
-    )
+    """Cancel a job; its pending dispatch row or commitment request is marked cancelled
+    (`by`: as for retry)."""
+    return _operator_action(settings, job_id, queue.cancel, CANCEL_FOLLOWS, audit.JOB_CANCELLED, by)

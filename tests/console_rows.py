@@ -3,8 +3,9 @@ the console tests' data and, at 10,000 studies and 1,000,000 instances, the page
 
 Study `i` of `n` (oldest first, spread over `days`) is, by `i % 100`: 0 failed (its
 dispatch dead), 1 analysing, 2 reported (its dispatch retrying), 3 waiting (open version),
-4..49 delivered, 50..99 verified. Every tenth closed study has two heatmaps. The audit
-chain holds each study's receipt and delivery, correctly linked.
+4..49 delivered, 50..99 verified. Each closed version records why it closed, by `i % 5`
+(CLOSINGS: quiet, mpps, evidence, sweep, replay). Every tenth closed study has two
+heatmaps. The audit chain holds each study's receipt and delivery, correctly linked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from sqlalchemy import Engine, Table, insert, select, text
 from daemon.db import audit
 from daemon.db.schema import (
     AuditEvent,
+    ClosedVersion,
+    CloseReason,
     Dispatch,
     Instance,
     Job,
@@ -33,6 +36,7 @@ from daemon.db.schema import (
     Study,
     utcnow,
 )
+from daemon.report.completion import Completion
 from daemon.report.heatmap import build_heatmap_sc
 from daemon.report.sr import build_sr
 from daemon.report.uids import series_uid, sr_uid
@@ -47,6 +51,13 @@ MODALITIES = ("CT", "MR", "US", "CR", "DX")
 DESTINATION = "pacs"
 CHUNK = 20000
 CODES = {"normal": ["99PACSAI", "NORMAL", "Normal"], "lesion": ["99PACSAI", "LES", "Lesion"]}
+CLOSINGS = (
+    CloseReason.QUIET,
+    CloseReason.MPPS,
+    CloseReason.EVIDENCE,
+    CloseReason.SWEEP,
+    CloseReason.REPLAY,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +69,12 @@ class Documents:
     heatmap: Path
 
 
-def write_documents(directory: Path, *, slices: int = 1, size: int = 64) -> Documents:
+def write_documents(
+    directory: Path, *, slices: int = 1, size: int = 64, completion: Completion = Completion()
+) -> Documents:
     """A CT instance (pydicom's CT_small); an SR of an image finding (and, with several
-    `slices`, a series finding over all of them, as an LSTM's); a `size`-pixel heatmap."""
+    `slices`, a series finding over all of them, as an LSTM's) saying what `completion`
+    says of the procedure; a `size`-pixel heatmap."""
     directory.mkdir(parents=True, exist_ok=True)
     instance = directory / "instance.dcm"
     shutil.copyfile(str(get_testdata_file("CT_small.dcm")), instance)
@@ -95,6 +109,7 @@ def write_documents(directory: Path, *, slices: int = 1, size: int = 64) -> Docu
         series_number=7701,
         instance_number=1,
         device=DEVICE,
+        completion=completion,
     )
     sr_path = directory / "sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
@@ -113,6 +128,7 @@ class _Rows:
     studies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     series: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     instances: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    closed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     jobs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -125,6 +141,20 @@ class Filled:
     stages: dict[str, str]  # study UID -> what it was filled as
 
 
+# The tables filled here, each with explicit ids.
+TABLES = (
+    "studies",
+    "series",
+    "instances",
+    "closed_versions",
+    "jobs",
+    "results",
+    "reports",
+    "dispatches",
+    "audit",
+)
+
+
 class _Ids:
     """Explicit ids, after those the tables hold already."""
 
@@ -132,15 +162,7 @@ class _Ids:
         with engine.connect() as conn:
             self.next = {
                 t: int(conn.execute(text(f"SELECT COALESCE(max(id), 0) FROM {t}")).scalar_one())
-                for t in (
-                    "studies",
-                    "series",
-                    "instances",
-                    "jobs",
-                    "results",
-                    "reports",
-                    "dispatches",
-                )
+                for t in TABLES
             }
 
     def __call__(self, table: str) -> int:
@@ -226,6 +248,7 @@ def _study_rows(
         )
     if not closed:
         return stage
+    rows.closed.append(_closed_version(ids, i, study_id, s_uid, last))
     payload = {"study_uid": uid, "study_version": 1}
     analyse = _job(
         ids,
@@ -239,35 +262,18 @@ def _study_rows(
     rows.jobs.append(analyse)
     if stage == "analysing":
         return stage
-    for k in range(min(per_study, 10)):
-        for label in ("normal", "lesion"):
+    # Each of (up to) ten images scored alike for both labels, then the series (sop None).
+    scored: list[tuple[str | None, dict[str, float]]] = [
+        (f"{uid}.1.{k}", dict.fromkeys(CODES, (k * 37 % 100) / 100))
+        for k in range(min(per_study, 10))
+    ]
+    scored.append((None, {"normal": 0.7, "lesion": 0.3}))
+    for sop, probabilities in scored:
+        level = "series" if sop is None else "image"
+        for label, p in probabilities.items():
             rows.results.append(
-                _result(
-                    ids,
-                    analyse["id"],
-                    study_id,
-                    s_uid,
-                    "image",
-                    f"{uid}.1.{k}",
-                    label,
-                    (k * 37 % 100) / 100,
-                    last,
-                )
+                _result(ids, analyse["id"], study_id, s_uid, level, sop, label, p, last)
             )
-    for label in ("normal", "lesion"):
-        rows.results.append(
-            _result(
-                ids,
-                analyse["id"],
-                study_id,
-                s_uid,
-                "series",
-                None,
-                label,
-                0.3 if label == "lesion" else 0.7,
-                last,
-            )
-        )
     rows.jobs.append(_job(ids, "report", f"report:{uid}:v1", study_id, "done", last, payload))
     report_id = ids("reports")
     rows.reports.append(
@@ -347,6 +353,25 @@ def _study_rows(
     return stage
 
 
+def _closed_version(
+    ids: _Ids, i: int, study_id: int, s_uid: str, at: dt.datetime
+) -> dict[str, Any]:
+    """Version 1 closed for CLOSINGS[i % 5], with the detail daemon.assemble records."""
+    reason = CLOSINGS[i % len(CLOSINGS)]
+    detail = {
+        CloseReason.MPPS: {"mpps": [f"{s_uid}.77"]},
+        CloseReason.EVIDENCE: {"evidence": {s_uid: "InstanceNumber 1..3, even spacing"}},
+    }.get(reason, {})
+    return {
+        "id": ids("closed_versions"),
+        "study_id": study_id,
+        "version": 1,
+        "reason": reason,
+        "detail": detail,
+        "closed_at": at,
+    }
+
+
 def _result(
     ids: _Ids,
     job_id: int,
@@ -388,6 +413,7 @@ def _write(engine: Engine, rows: _Rows) -> None:
         (Study.__table__, rows.studies),
         (Series.__table__, rows.series),  # type: ignore[list-item]
         (Instance.__table__, rows.instances),
+        (ClosedVersion.__table__, rows.closed),  # type: ignore[list-item]
         (Job.__table__, rows.jobs),  # type: ignore[list-item]
         (Result.__table__, rows.results),
         (Report.__table__, rows.reports),  # type: ignore[list-item]
@@ -437,16 +463,7 @@ def _advance_sequences(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
-        for table in (
-            "studies",
-            "series",
-            "instances",
-            "jobs",
-            "results",
-            "reports",
-            "dispatches",
-            "audit",
-        ):
+        for table in TABLES:
             conn.execute(
                 text(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -46,7 +45,7 @@ from daemon.dicom.commitment import (
     read_commitment_report,
     reference_items,
 )
-from tests.peers import LOOPBACK
+from tests.peers import LOOPBACK, InProcessPeer
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 STORAGE_CLASSES = (
@@ -147,7 +146,7 @@ def mpps_set_attributes(
     return ds
 
 
-class ModalitySimulator:
+class ModalitySimulator(InProcessPeer):
     """A modality: an SCU for storage, MPPS and commitment, and an SCP for late reports."""
 
     def __init__(self, aet: str = "MODALITY", *, report_status: int = 0x0000) -> None:
@@ -189,18 +188,6 @@ class ModalitySimulator:
         if self._server is not None:
             self._server.shutdown()  # type: ignore[attr-defined]
             self._server = None
-
-    def __enter__(self) -> ModalitySimulator:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def reports(self, transaction_uid: str) -> list[Received]:
         """Every report received for the transaction so far."""

@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
@@ -151,8 +151,31 @@ class Modality:
     port: int = 104
 
 
-class _Peer:
-    """Shared lifecycle: a child process, a temp dir, context-manager use."""
+class Started:
+    """Something a test starts and closes: `with Peer(...) as peer:` (the peer, typed as
+    itself) starts it, and leaving the block closes it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Peer(Started):
+    """Shared lifecycle of a peer program: a child process, a temp dir."""
 
     def __init__(self, workdir: Path | None) -> None:
         self._own_dir = workdir is None
@@ -190,21 +213,6 @@ class _Peer:
         self.stop(kill=True)
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> _Peer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Orthanc(_Peer):
@@ -323,10 +331,6 @@ class Orthanc(_Peer):
             self.stop()
             raise PeerError(f"Orthanc did not start:\n{_tail(self.log_path)}")
 
-    def __enter__(self) -> Orthanc:
-        self.start()
-        return self
-
     def rest(self, path: str, body: Any = None, method: str | None = None) -> Any:
         """JSON from the REST API: GET, or POST when `body` is given (sent as JSON)."""
         data = None if body is None else json.dumps(body).encode()
@@ -411,38 +415,23 @@ class StoreSCP(_Peer):
             self.stop()
             raise PeerError(f"storescp did not start:\n{_tail(self.log_path)}")
 
-    def __enter__(self) -> StoreSCP:
-        self.start()
-        return self
-
     def files(self) -> list[Path]:
         """The files received so far, sorted by name."""
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
 
 
-class _InProcess:
-    """A peer started and stopped in this process: `with Peer(...) as peer:`."""
-
-    def start(self) -> None:
-        raise NotImplementedError
+class InProcessPeer(Started):
+    """A peer started and stopped in this process (a test may stop and start it again);
+    closing it stops it."""
 
     def stop(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Any:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
         self.stop()
 
 
-class RecordingSCP(_InProcess):
+class RecordingSCP(InProcessPeer):
     """An in-process pynetdicom SCP that accepts only `sop_classes` and answers `status`.
 
     For tests that need a peer with a narrow capability (e.g. Enhanced SR but not
@@ -501,12 +490,8 @@ class RecordingSCP(_InProcess):
             self._server.shutdown()
             self._server = None
 
-    def __enter__(self) -> RecordingSCP:
-        self.start()
-        return self
 
-
-class RecordingStow(_InProcess):
+class RecordingStow(InProcessPeer):
     """An in-process DICOMweb origin server whose answers a test sets (uvicorn, loopback).
 
     `answer(content_type, parts)` returns (HTTP status, DICOM JSON body or None) for each
@@ -583,7 +568,3 @@ class RecordingStow(_InProcess):
             self._server.should_exit = True
             self._thread.join(10)
             self._server = None
-
-    def __enter__(self) -> RecordingStow:
-        self.start()
-        return self

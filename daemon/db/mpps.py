@@ -11,7 +11,7 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import ColumnElement, Connection, Row, select, update
 
 from daemon.db.queue import dialect_insert
 from daemon.db.schema import MppsState, MppsStep, utcnow
@@ -75,8 +75,9 @@ def set_step(conn: Connection, sop_instance_uid: str, change: StepSet) -> tuple[
     return SetOutcome.APPLIED, conn.execute(select(MppsStep).where(MppsStep.id == row.id)).one()
 
 
-def _live(study_uid: str) -> Any:
-    """Steps of the study not yet taken into account nor expired."""
+def live(study_uid: str | ColumnElement[str]) -> ColumnElement[bool]:
+    """Steps of the study (a UID, or a column naming it) not yet taken into account nor
+    expired: those the assembler still waits on."""
     return (
         (MppsStep.study_uid == study_uid)
         & MppsStep.closed_version.is_(None)
@@ -88,9 +89,7 @@ def ended_steps(conn: Connection, study_uid: str) -> list[Row[Any]]:
     """The study's COMPLETED or DISCONTINUED steps that no closed version took yet."""
     return list(
         conn.execute(
-            select(MppsStep)
-            .where(_live(study_uid), MppsStep.state.in_(FINAL))
-            .order_by(MppsStep.id)
+            select(MppsStep).where(live(study_uid), MppsStep.state.in_(FINAL)).order_by(MppsStep.id)
         ).all()
     )
 
@@ -100,7 +99,7 @@ def in_progress(conn: Connection, study_uid: str) -> bool:
     return (
         conn.execute(
             select(MppsStep.id)
-            .where(_live(study_uid), MppsStep.state == MppsState.IN_PROGRESS)
+            .where(live(study_uid), MppsStep.state == MppsState.IN_PROGRESS)
             .limit(1)
         ).first()
         is not None

@@ -261,15 +261,19 @@ def release(engine: Engine, job_id: int, owner: str) -> bool:
     return res.rowcount == 1
 
 
+# The states from which an operator may cancel or retry a job (`jobs cancel|retry`, the
+# console's buttons).
+CANCELLABLE = (JobState.QUEUED, JobState.RUNNING, JobState.DEAD)
+RETRYABLE = (JobState.DEAD, JobState.CANCELLED)
+
+
 def cancel(engine: Engine, job_id: int) -> bool:
     """Stop a job for good (operator's decision); a running worker loses its lease."""
     now = utcnow()
     with engine.begin() as conn:
         res = conn.execute(
             update(Job)
-            .where(
-                Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING, JobState.DEAD))
-            )
+            .where(Job.id == job_id, Job.state.in_(CANCELLABLE))
             .values(
                 state=JobState.CANCELLED,
                 lease_owner=None,
@@ -287,7 +291,7 @@ def retry(engine: Engine, job_id: int) -> bool:
     with engine.begin() as conn:
         res = conn.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_((JobState.DEAD, JobState.CANCELLED)))
+            .where(Job.id == job_id, Job.state.in_(RETRYABLE))
             .values(
                 state=JobState.QUEUED, attempts=0, run_after=now, finished_at=None, updated_at=now
             )

@@ -172,6 +172,13 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ReportKind(enum.StrEnum):
+    """What a report file is: the Structured Report, or a heatmap image it references."""
+
+    SR = "sr"
+    HEATMAP = "heatmap"
+
+
 class Report(Base):
     """A Structured Report written to the spool for one study version."""
 
@@ -181,7 +188,7 @@ class Report(Base):
     study_version: Mapped[int] = mapped_column(Integer)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
-    kind: Mapped[str] = mapped_column(String(16), default="sr", server_default="sr")
+    kind: Mapped[str] = mapped_column(String(16), default=ReportKind.SR, server_default="sr")
     path: Mapped[str] = mapped_column(Text)
     fallback_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Indexed for the console's chart of studies reported per hour.
@@ -199,7 +206,7 @@ class DispatchState(enum.StrEnum):
 
 
 # Report kinds as operators read them (`jobs show`, `reports send`).
-REPORT_KIND_NAMES = {"sr": "SR", "heatmap": "heatmap"}
+REPORT_KIND_NAMES = {ReportKind.SR: "SR", ReportKind.HEATMAP: "heatmap"}
 
 
 class Dispatch(Base):
@@ -285,6 +292,7 @@ class CommitmentState(enum.StrEnum):
     PENDING = "pending"  # N-ACTION answered; the N-EVENT-REPORT is still to be delivered
     REPORTED = "reported"  # the modality acknowledged the N-EVENT-REPORT
     DEAD = "dead"  # the report job gave up; an operator may retry it
+    CANCELLED = "cancelled"  # its report job was cancelled by an operator
 
 
 class CommitmentRequest(Base):

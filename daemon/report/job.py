@@ -22,7 +22,7 @@ from daemon.config import Settings
 from daemon.context import WorkerContext
 from daemon.db import queue
 from daemon.db.outbox import add_dispatch
-from daemon.db.schema import ClosedVersion, Instance, Report, Result, Study
+from daemon.db.schema import ClosedVersion, Instance, Report, ReportKind, Result, Study
 from daemon.logsetup import kv
 from daemon.report.completion import Completion
 from daemon.report.heatmap import build_heatmap_sc, heatmap_evidence
@@ -34,8 +34,6 @@ from daemon.spool import Spool
 log = logging.getLogger(__name__)
 
 SOURCES_FOR_NO_MODEL = 1
-SR_KIND = "sr"
-HEATMAP_KIND = "heatmap"
 
 ResultKey = tuple[str, str, str, str]  # series, model, level, label: one finding
 
@@ -236,7 +234,7 @@ def _previous_reports(conn: Connection, study_id: int, version: int) -> list[tup
             .where(
                 Report.study_id == study_id,
                 Report.study_version < version,
-                Report.kind == SR_KIND,
+                Report.kind == ReportKind.SR,
             )
             .order_by(Report.study_version)
         ).all()
@@ -428,7 +426,7 @@ def run_report(ctx: WorkerContext, job: queue.ClaimedJob) -> None:
                     study_version=version,
                     sop_instance_uid=str(capture.SOPInstanceUID),
                     sop_class_uid=str(capture.SOPClassUID),
-                    kind=HEATMAP_KIND,
+                    kind=ReportKind.HEATMAP,
                     path=str(path),
                 )
                 .returning(Report.id)

@@ -19,6 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.assemble.rules import Waits
 from daemon.db import audit
 from daemon.http.console import pages
 from daemon.http.console.access import NO_SESSION, LoginNeeded, Sessions, Users
@@ -72,6 +73,7 @@ class Console:
     templates: Environment
     audit: AuditWatch
     models: ModelShelf
+    waits: Waits  # the assembler's pauses: what a waiting study waits for
 
     @property
     def writer(self) -> Engine:
@@ -141,7 +143,10 @@ def build(ctx: HttpContext) -> Starlette:
         sessions=Sessions(ctx.ingestor.engine, reader, settings.http.session_minutes),
         templates=environment(),
         audit=AuditWatch(reader),
-        models=ModelShelf(settings.models.dir, frozenset(settings.models.shadow)),
+        models=ModelShelf(
+            settings.models.dir, frozenset(settings.models.shadow), settings.models.device
+        ),
+        waits=Waits.from_settings(settings),
     )
     app = Starlette(
         routes=[

@@ -1,8 +1,9 @@
 """The models the workers load, as their manifests describe them (read without TensorFlow).
 
 The Overview lists every model folder under `[models] dir` with its name, version,
-format, kind and clinical-use marking, or the problem its manifest has; manifests are
-read again only when a file changes.
+format, what it reads, what runs it, and clinical-use marking, or the problem its manifest
+has; manifests are read again only when a file changes. (Which runtime version ran a
+result, the study page says from the result itself.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import threading
 from pathlib import Path
 
-from models.manifest import MANIFEST_NAMES, ManifestError, load_manifest
+from models.manifest import MANIFEST_NAMES, Manifest, ManifestError, load_manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +22,9 @@ class ModelEntry:
     folder: str
     name: str
     version: str = ""
-    format: str = ""
-    kind: str = ""
+    format: str = ""  # seed, keras or onnx (models.manifest.Manifest.format)
+    level: str = ""  # what one prediction reads: image, series or embeddings
+    runtime: str = ""  # what the workers run it with
     clinical_use: bool = False
     shadow: bool = False
     heatmaps: bool = False
@@ -30,7 +32,15 @@ class ModelEntry:
     problem: str | None = None
 
 
-def _entry(folder: Path, shadow: frozenset[str]) -> ModelEntry:
+def runtime(manifest: Manifest, device: str) -> str:
+    """What a worker runs the model with (models.runtimes.load_runtime picks it by format)."""
+    if manifest.format == "onnx":
+        opset = f", opset {manifest.opset}" if manifest.opset else ""
+        return f"onnxruntime on {device}{opset}"
+    return "TensorFlow"
+
+
+def _entry(folder: Path, shadow: frozenset[str], device: str) -> ModelEntry:
     try:
         manifest = load_manifest(folder)
     except ManifestError as exc:
@@ -39,9 +49,9 @@ def _entry(folder: Path, shadow: frozenset[str]) -> ModelEntry:
         folder=str(folder),
         name=manifest.name,
         version=manifest.version,
-        # The seed CNN/LSTM until the model-formats manifest (with `format`) is merged.
-        format=str(getattr(manifest, "format", "seed")),
-        kind=manifest.kind,
+        format=manifest.format,
+        level=manifest.level,
+        runtime=runtime(manifest, device),
         clinical_use=manifest.clinical_use,
         shadow=manifest.shadow or manifest.name in shadow,
         heatmaps=manifest.heatmaps,
@@ -52,9 +62,10 @@ def _entry(folder: Path, shadow: frozenset[str]) -> ModelEntry:
 class ModelShelf:
     """The manifests under a directory, cached by their files' modification times."""
 
-    def __init__(self, directory: Path, shadow: frozenset[str]) -> None:
+    def __init__(self, directory: Path, shadow: frozenset[str], device: str) -> None:
         self._directory = directory
         self._shadow = shadow
+        self._device = device
         self._lock = threading.Lock()
         self._stamp: tuple[tuple[str, int], ...] | None = None
         self._entries: list[ModelEntry] = []
@@ -72,6 +83,6 @@ class ModelShelf:
         with self._lock:
             if stamp != self._stamp:
                 folders = dict.fromkeys(p.parent for p in files)
-                self._entries = [_entry(folder, self._shadow) for folder in folders]
+                self._entries = [_entry(folder, self._shadow, self._device) for folder in folders]
                 self._stamp = stamp
             return list(self._entries)

@@ -34,7 +34,7 @@ from daemon.http.console.stages import STATES
 from daemon.http.context import log_refusal, peer
 from daemon.logsetup import kv
 from daemon.spool import InvalidUID, check_uid
-from daemon.status import operator_cancel, operator_retry, show_job
+from daemon.status import job_detail, operator_cancel, operator_retry
 
 if TYPE_CHECKING:
     from daemon.http.console.app import Console
@@ -155,12 +155,11 @@ def study_filter(request: Request) -> queries.StudyFilter:
 async def studies(request: Request) -> Response:
     c = _console(request)
     chosen = study_filter(request)
-    quiet = c.ctx.settings.assembly.quiet_seconds
     return await _render(
         request,
         "studies.html",
         "Studies",
-        lambda conn, _who: views.studies(queries.study_page(conn, chosen, quiet)),
+        lambda conn, _who: views.studies(queries.study_page(conn, chosen, c.waits), c.waits),
     )
 
 
@@ -178,10 +177,10 @@ async def study(request: Request) -> Response:
     chosen_sr = _text(request, "sr")
 
     def build(conn: Any, _who: Visitor) -> dict[str, Any]:
-        record = queries.study_record(conn, uid, c.ctx.settings.assembly.quiet_seconds)
+        record = queries.study_record(conn, uid, c.waits)
         if record is None:
             raise HttpRefusal(404, f"no study {uid}")
-        return views.study(record, c.ctx.settings, chosen_sr)
+        return views.study(record, c.ctx.settings, c.waits, chosen_sr)
 
     return await _render(request, "study.html", f"Study {uid}", build)
 
@@ -234,14 +233,13 @@ async def failures(request: Request) -> Response:
 
 
 async def job(request: Request) -> Response:
-    c = _console(request)
     job_id = int(request.path_params["job_id"])
 
-    def build(_conn: Any, _who: Visitor) -> dict[str, Any]:
-        shown = show_job(c.ctx.settings, job_id)
+    def build(conn: Any, _who: Visitor) -> dict[str, Any]:
+        shown = job_detail(conn, job_id)
         if shown is None:
             raise HttpRefusal(404, f"no job {job_id}")
-        return {"job": shown}
+        return views.job(shown)
 
     return await _render(request, "job.html", f"Job {job_id}", build)
 

@@ -14,13 +14,27 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Integer, cast, func, select
 
+from daemon.assemble.rules import Waits
 from daemon.db import queue
-from daemon.db.schema import Dispatch, Instance, Job, Report, Result, Series, Study, utcnow
-from daemon.http.console.stages import in_stage, stage_of, stages
+from daemon.db.keys import COMMITMENT_REPORT
+from daemon.db.schema import (
+    ClosedVersion,
+    Dispatch,
+    Instance,
+    Job,
+    JobState,
+    Report,
+    ReportKind,
+    Result,
+    Series,
+    Study,
+    utcnow,
+)
+from daemon.http.console.stages import WAITING, in_stage, stage_of, stages, waiting_for
 from daemon.status import dead_letters
 
 PAGE_SIZE = 50
-LIVE_STATES = ("queued", "running", "dead")
+LIVE_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DEAD)
 RATE_WINDOW = dt.timedelta(minutes=5)
 CHART_HOURS = 6
 CHART_BUCKET_SECONDS = 600
@@ -54,6 +68,7 @@ class StudyRow:
     first_received_at: dt.datetime
     last_received_at: dt.datetime
     state: str
+    waiting_for: str | None  # what a waiting study waits for (stages.waiting_for)
     instances: int
     calling_aes: tuple[str, ...]
     modalities: tuple[str, ...]
@@ -66,10 +81,10 @@ class StudyPage:
     has_next: bool
 
 
-def _study_where(f: StudyFilter, now: dt.datetime, quiet_seconds: float) -> list[Any]:
+def _study_where(f: StudyFilter, now: dt.datetime, waits: Waits) -> list[Any]:
     where: list[Any] = []
     if f.state:
-        where.append(in_stage(stages(now, quiet_seconds), f.state))
+        where.append(in_stage(stages(now, waits), f.state))
     if f.calling_ae:
         where.append(
             select(Instance.id)
@@ -95,7 +110,24 @@ def _midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
 
 
-def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyPage:
+def _study_columns(now: dt.datetime, waits: Waits) -> tuple[Any, ...]:
+    """A study's row as the pages show it: its arrivals, stage and what it waits for."""
+    return (
+        Study.id,
+        Study.study_uid,
+        Study.version,
+        Study.first_received_at,
+        Study.last_received_at,
+        stage_of(stages(now, waits)).label("state"),
+        waiting_for(now, waits).label("waiting_for"),
+    )
+
+
+def _waiting(row: Any) -> str | None:
+    return row.waiting_for if row.state == WAITING else None
+
+
+def study_page(conn: Connection, f: StudyFilter, waits: Waits) -> StudyPage:
     """Newest first (by last arrival), PAGE_SIZE a page, with each study's stage."""
     now = utcnow()
     newest_first = (Study.last_received_at.desc(), Study.id.desc())
@@ -104,7 +136,7 @@ def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyP
     page_ids = list(
         conn.execute(
             select(Study.id)
-            .where(*_study_where(f, now, quiet_seconds))
+            .where(*_study_where(f, now, waits))
             .order_by(*newest_first)
             .limit(PAGE_SIZE + 1)
             .offset((f.page - 1) * PAGE_SIZE)
@@ -112,16 +144,7 @@ def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyP
     )
     ids = page_ids[:PAGE_SIZE]
     shown = conn.execute(
-        select(
-            Study.id,
-            Study.study_uid,
-            Study.version,
-            Study.first_received_at,
-            Study.last_received_at,
-            stage_of(stages(now, quiet_seconds)).label("state"),
-        )
-        .where(Study.id.in_(ids))
-        .order_by(*newest_first)
+        select(*_study_columns(now, waits)).where(Study.id.in_(ids)).order_by(*newest_first)
     ).all()
     counts = dict(
         conn.execute(
@@ -140,6 +163,7 @@ def study_page(conn: Connection, f: StudyFilter, quiet_seconds: float) -> StudyP
                 first_received_at=r.first_received_at,
                 last_received_at=r.last_received_at,
                 state=r.state,
+                waiting_for=_waiting(r),
                 instances=int(counts.get(r.id, 0)),
                 calling_aes=tuple(aes.get(r.id, ())),
                 modalities=tuple(modalities.get(r.id, ())),
@@ -171,7 +195,7 @@ class JobRow:
     attempts: int
     max_attempts: int
     study_uid: str | None
-    destination: str | None
+    destination: str | None  # where it sends: a destination, or a modality's AE title
     error: str | None
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -205,7 +229,9 @@ def _job_rows(conn: Connection, jobs: Sequence[Any]) -> list[JobRow]:
     for j in jobs:
         payload = dict(j.payload or {})
         # A delivery's last answer explains a failure, not a success.
-        status = statuses.get(payload.get("dispatch_id")) if j.state != "done" else None
+        status = statuses.get(payload.get("dispatch_id")) if j.state != JobState.DONE else None
+        # A commitment report goes back to the modality that asked.
+        to = payload.get("calling_ae") if j.kind == COMMITMENT_REPORT else None
         out.append(
             JobRow(
                 id=j.id,
@@ -214,7 +240,7 @@ def _job_rows(conn: Connection, jobs: Sequence[Any]) -> list[JobRow]:
                 attempts=j.attempts,
                 max_attempts=j.max_attempts,
                 study_uid=uids.get(j.study_id),
-                destination=payload.get("destination"),
+                destination=payload.get("destination") or to,
                 error=j.last_error or status,
                 created_at=j.created_at,
                 updated_at=j.updated_at,
@@ -273,7 +299,7 @@ def chart(conn: Connection, now: dt.datetime) -> list[ChartBar]:
     first = int(now.timestamp()) // width - CHART_HOURS * 3600 // width + 1
     since = dt.datetime.fromtimestamp(first * width, dt.UTC)
     received = _per_bucket(conn, Instance.received_at, since, width)
-    reported = _per_bucket(conn, Report.created_at, since, width, Report.kind == "sr")
+    reported = _per_bucket(conn, Report.created_at, since, width, Report.kind == ReportKind.SR)
     return [
         ChartBar(
             dt.datetime.fromtimestamp(b * width, dt.UTC), received.get(b, 0), reported.get(b, 0)
@@ -300,7 +326,7 @@ def overview(conn: Connection, destinations: Sequence[str]) -> Overview:
         queue=counts,
         oldest_queued_s=queue.oldest_queued_age(conn),
         dead=_job_rows(conn, dead_letters(conn, 5)),
-        dead_total=sum(states.get("dead", 0) for states in counts.values()),
+        dead_total=sum(states.get(JobState.DEAD, 0) for states in counts.values()),
         instances_per_minute=int(recent) / (RATE_WINDOW.total_seconds() / 60),
         last_instance_at=conn.execute(select(func.max(Instance.received_at))).scalar_one(),
         studies_24h=int(
@@ -326,7 +352,7 @@ def failures(conn: Connection, page: int) -> Failures:
     dead = dead_letters(conn, PAGE_SIZE + 1, (page - 1) * PAGE_SIZE)
     retrying = conn.execute(
         select(Job)
-        .where(Job.state == "queued", Job.last_error.is_not(None))
+        .where(Job.state == JobState.QUEUED, Job.last_error.is_not(None))
         .order_by(Job.run_after, Job.id)
         .limit(PAGE_SIZE)
     ).all()
@@ -350,6 +376,16 @@ class VersionRow:
     instances: int
     first_at: dt.datetime
     last_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosedRow:
+    """Why and when a version stopped taking instances (daemon.assemble's record)."""
+
+    version: int
+    reason: str  # a daemon.db.schema.CloseReason
+    detail: dict[str, Any]
+    closed_at: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,10 +421,12 @@ class StudyRecord:
     study_uid: str
     version: int
     state: str
+    waiting_for: str | None
     first_received_at: dt.datetime
     last_received_at: dt.datetime
     first_instance_path: str | None
     versions: list[VersionRow]
+    closed: list[ClosedRow]
     series: list[tuple[str, str | None, str | None, int]]  # uid, modality, body part, count
     calling_aes: list[str]
     jobs: list[JobRow]
@@ -397,18 +435,11 @@ class StudyRecord:
     results: list[Any]
 
 
-def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> StudyRecord | None:
+def study_record(conn: Connection, study_uid: str, waits: Waits) -> StudyRecord | None:
     """The study's rows, or None when the UID is unknown."""
     now = utcnow()
     study = conn.execute(
-        select(
-            Study.id,
-            Study.study_uid,
-            Study.version,
-            Study.first_received_at,
-            Study.last_received_at,
-            stage_of(stages(now, quiet_seconds)).label("state"),
-        ).where(Study.study_uid == study_uid)
+        select(*_study_columns(now, waits)).where(Study.study_uid == study_uid)
     ).one_or_none()
     if study is None:
         return None
@@ -450,6 +481,7 @@ def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> Stud
         study_uid=study.study_uid,
         version=study.version,
         state=study.state,
+        waiting_for=_waiting(study),
         first_received_at=study.first_received_at,
         last_received_at=study.last_received_at,
         first_instance_path=conn.execute(
@@ -459,6 +491,14 @@ def study_record(conn: Connection, study_uid: str, quiet_seconds: float) -> Stud
             .limit(1)
         ).scalar_one_or_none(),
         versions=versions,
+        closed=[
+            ClosedRow(c.version, c.reason, dict(c.detail or {}), c.closed_at)
+            for c in conn.execute(
+                select(ClosedVersion)
+                .where(ClosedVersion.study_id == sid)
+                .order_by(ClosedVersion.version)
+            )
+        ],
         series=series,
         calling_aes=[
             ae
@@ -505,6 +545,6 @@ def heatmap_path(conn: Connection, study_uid: str, sop_instance_uid: str) -> str
         .where(
             Study.study_uid == study_uid,
             Report.sop_instance_uid == sop_instance_uid,
-            Report.kind == "heatmap",
+            Report.kind == ReportKind.HEATMAP,
         )
     ).scalar_one_or_none()

@@ -17,6 +17,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from daemon.db.queue import CANCELLABLE, RETRYABLE
+from daemon.db.schema import DispatchState, JobState
+
 # Sent with every console response: no inline script or style, no framing, no caching.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -75,7 +78,15 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(when=when, seconds=seconds, size=size)
-    env.globals["refresh_seconds"] = REFRESH_SECONDS
+    # The states by their names, and those an operator's Retry and Cancel act on (the
+    # buttons show where they work).
+    env.globals.update(
+        refresh_seconds=REFRESH_SECONDS,
+        JobState=JobState,
+        DispatchState=DispatchState,
+        retryable=RETRYABLE,
+        cancellable=CANCELLABLE,
+    )
     return env
 
 

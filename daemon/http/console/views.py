@@ -5,27 +5,37 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
 
+from daemon.assemble.rules import Waits
 from daemon.config import Settings
 from daemon.db.audit import ChainCheck
 from daemon.db.keys import ANALYSE
+from daemon.db.schema import CloseReason, DispatchState, JobState, ReportKind
 from daemon.dispatch.destinations import address
 from daemon.dispatch.probes import last_probes
 from daemon.http.console import documents, queries
 from daemon.http.console.manifests import ModelEntry
-from daemon.http.console.stages import MEANING, STATES
+from daemon.http.console.stages import MEANING, STATES, WAITS_FOR, waiting_meaning
 from daemon.metrics import Metrics, associations_open
+from daemon.report.completion import Completion
 from daemon.spool import Spool
 
 # Faults of the service's health that mean the receiver does not accept associations.
 RECEIVER_DOWN = "receiver not running"
-# Why a version was closed, until the MPPS/evidence closing reasons (another branch) add a
-# column: then read it in `closing_reason`, the one place that names it.
-QUIET_WINDOW = "quiet window"
+# Why a version closed, as daemon.assemble recorded it (its detail adds what it found).
+CLOSED_BY: dict[str, str] = {
+    CloseReason.MPPS: "the modality's MPPS ended the procedure and its images are here",
+    CloseReason.EVIDENCE: "complete by the images' own evidence",
+    CloseReason.QUIET: "the quiet window: nothing more arrived",
+    CloseReason.SWEEP: "the safety sweep found it quiet (after a restart or a lost timer)",
+    CloseReason.REPLAY: "an operator asked for it to be analysed again",
+}
+# A version closed before pacs-ai recorded why (a database from an earlier release).
+NOT_RECORDED = "reason not recorded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +151,29 @@ def overview(
     }
 
 
-def studies(page: queries.StudyPage) -> dict[str, Any]:
-    return {"page": page, "states": STATES, "meaning": MEANING}
+def studies(page: queries.StudyPage, waits: Waits) -> dict[str, Any]:
+    """The Studies page: its rows, the stages to filter by, and what each stage means."""
+    return {
+        "page": page,
+        "states": STATES,
+        "meaning": MEANING,
+        "waiting": {what: waiting_meaning(what, waits) for what in WAITS_FOR},
+    }
 
 
-def closing_reason(job: queries.JobRow) -> str:
-    """Why the version this analyse job analyses was closed (see QUIET_WINDOW)."""
-    return str(job.payload.get("closing_reason") or QUIET_WINDOW)
+def closing(reason: str | None, detail: Mapping[str, Any] | None) -> str:
+    """Why a version closed, as an operator reads it: the rule, then what the rule found
+    (the MPPS steps, each series' evidence, and what the SR says of an incomplete or
+    discontinued procedure)."""
+    if reason is None:
+        return NOT_RECORDED
+    detail = detail or {}
+    words = [CLOSED_BY.get(reason, reason)]
+    if detail.get("mpps"):
+        words.append(f"MPPS {', '.join(detail['mpps'])}")
+    words += [f"series {uid}: {why}" for uid, why in (detail.get("evidence") or {}).items()]
+    words += Completion.from_detail(detail).notes
+    return "; ".join(words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +193,8 @@ class Finding:
     top_instance: str | None
     shadow: bool
     clinical_use: bool
+    format: str  # the model's format and the runtime that ran it, where the result says
+    runtime: str
 
 
 def findings(results: list[Any]) -> tuple[list[Finding], list[dict[str, Any]]]:
@@ -209,6 +237,8 @@ def findings(results: list[Any]) -> tuple[list[Finding], list[dict[str, Any]]]:
                 top_instance=r.sop_instance_uid,
                 shadow=bool(detail.get("shadow")),
                 clinical_use=bool(detail.get("clinical_use")),
+                format=str(detail.get("format", "")),
+                runtime=str(detail.get("runtime", "")),
             )
         )
     out.sort(key=lambda f: (-f.version, f.model, f.series_uid, f.label))
@@ -226,15 +256,19 @@ class Event:
 
 
 def timeline(record: queries.StudyRecord) -> list[Event]:
-    """Arrivals, closings, jobs finishing and deliveries, in time order."""
+    """Arrivals, closings (and why), jobs finishing and deliveries, in time order."""
     events = [Event(record.first_received_at, "first instance", ""),
               Event(record.last_received_at, "last instance", "")]  # fmt: skip
     for v in record.versions:
         events.append(Event(v.first_at, f"version {v.version}", f"{v.instances} instances"))
+    closed = {c.version for c in record.closed}
+    for c in record.closed:
+        events.append(Event(c.closed_at, f"version {c.version} closed",
+                            closing(c.reason, c.detail), c.reason))  # fmt: skip
     for job in record.jobs:
-        if job.kind == ANALYSE:
-            version = job.payload.get("study_version", "?")
-            events.append(Event(job.created_at, f"version {version} closed", closing_reason(job)))
+        version = job.payload.get("study_version")
+        if job.kind == ANALYSE and version not in closed:
+            events.append(Event(job.created_at, f"version {version} closed", NOT_RECORDED))
         if job.finished_at is not None:
             events.append(
                 Event(
@@ -244,23 +278,51 @@ def timeline(record: queries.StudyRecord) -> list[Event]:
                     job.state,
                 )
             )
-        elif job.state == "dead":
-            events.append(Event(job.updated_at, f"{job.kind} job {job.id} dead", "", "dead"))
+        elif job.state == JobState.DEAD:
+            events.append(Event(job.updated_at, f"{job.kind} job {job.id} dead", "", JobState.DEAD))
     for d in record.deliveries:
         if d.sent_at is not None:
             events.append(Event(d.sent_at, f"{d.report_kind} sent to {d.destination}",
-                                f"version {d.study_version}", "sent"))  # fmt: skip
+                                f"version {d.study_version}", DispatchState.SENT))  # fmt: skip
         if d.confirmed_at is not None:
             events.append(Event(d.confirmed_at, f"{d.report_kind} confirmed by {d.destination}",
-                                f"version {d.study_version}", "confirmed"))  # fmt: skip
+                                f"version {d.study_version}", DispatchState.CONFIRMED))  # fmt: skip
     return sorted(events, key=lambda e: e.at)
 
 
-def study(record: queries.StudyRecord, settings: Settings, chosen_sr: str | None) -> dict[str, Any]:
+def versions(record: queries.StudyRecord) -> list[dict[str, Any]]:
+    """Each version: what arrived in it, and when and why it closed (the open one has not)."""
+    closed = {c.version: c for c in record.closed}
+    out = []
+    for v in record.versions:
+        c = closed.get(v.version)
+        out.append(
+            {
+                "version": v.version,
+                "instances": v.instances,
+                "first_at": v.first_at,
+                "last_at": v.last_at,
+                "closed_at": c.closed_at if c else None,
+                "closed_by": c.reason if c else None,
+                "why": closing(c.reason, c.detail) if c else None,
+                "open": v.version == record.version,
+            }
+        )
+    return out
+
+
+def study(
+    record: queries.StudyRecord, settings: Settings, waits: Waits, chosen_sr: str | None
+) -> dict[str, Any]:
     """Everything the Study page shows (the SR of `chosen_sr`, default the newest)."""
     found, errors = findings(record.results)
-    srs = [r for r in record.reports if r.kind == "sr"]
-    heatmaps = [r for r in record.reports if r.kind == "heatmap"]
+    srs = [r for r in record.reports if r.kind == ReportKind.SR]
+    heatmaps = [r for r in record.reports if r.kind == ReportKind.HEATMAP]
+    meaning = (
+        waiting_meaning(record.waiting_for, waits)
+        if record.waiting_for
+        else MEANING.get(record.state, "")
+    )
     newest = max((r.study_version for r in heatmaps), default=None)
     shown = next((r for r in srs if r.sop_instance_uid == chosen_sr), srs[-1] if srs else None)
     sr: documents.SrText | None = None
@@ -274,7 +336,8 @@ def study(record: queries.StudyRecord, settings: Settings, chosen_sr: str | None
         "study": {
             "study_uid": record.study_uid,
             "state": record.state,
-            "meaning": MEANING.get(record.state, ""),
+            "waiting_for": record.waiting_for,
+            "meaning": meaning,
             "open_version": record.version,
             "first_received_at": record.first_received_at,
             "last_received_at": record.last_received_at,
@@ -283,7 +346,7 @@ def study(record: queries.StudyRecord, settings: Settings, chosen_sr: str | None
                 record.first_instance_path, settings.http.show_patient_data
             ),
         },
-        "versions": record.versions,
+        "versions": versions(record),
         "series": [
             {"series_uid": uid, "modality": modality, "body_part": part, "instances": n}
             for uid, modality, part, n in record.series
@@ -315,3 +378,9 @@ def study(record: queries.StudyRecord, settings: Settings, chosen_sr: str | None
         "sr": sr,
         "sr_problem": sr_problem,
     }
+
+
+def job(shown: dict[str, Any]) -> dict[str, Any]:
+    """The Job page: what `pacs-ai jobs show` shows, and why its study version closed."""
+    closed = shown.get("closed_by")
+    return {"job": shown, "closing": closing(closed, shown["closed_detail"]) if closed else None}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -45,13 +44,13 @@ from daemon.dispatch.verify import (
     find_instance,
     request_commitment,
 )
-from tests.peers import free_port
+from tests.peers import InProcessPeer, free_port
 
 OUR_AE = "PACSAI"
 SYNTAXES = list(UNCOMPRESSED)
 
 
-class CommitmentPeer:
+class CommitmentPeer(InProcessPeer):
     """An in-process PACS for storage commitment and C-FIND; see the module docstring."""
 
     def __init__(
@@ -121,21 +120,15 @@ class CommitmentPeer:
             match.SOPInstanceUID = query.SOPInstanceUID
             yield PENDING, match
 
-    def __enter__(self) -> CommitmentPeer:
+    def start(self) -> None:
         self._server = self._ae.start_server(
             (self.host, 0),
             block=False,
             evt_handlers=[(evt.EVT_N_ACTION, self._on_action), (evt.EVT_C_FIND, self._on_find)],
         )
         self.port = int(self._server.server_address[1])
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self._server.shutdown()
 
 

@@ -75,11 +75,16 @@ def role_tokens(roles: tuple[str, ...]) -> tuple[dict[str, str], list[dict[str, 
 
 @pytest.fixture
 def start_face(engine: Engine, tmp_path: Path) -> Iterator[StartFace]:
-    """start_face(**[http] settings, min_free_mb=..., free_bytes=...) -> a running Face."""
+    """start_face(**[http] settings, min_free_mb=..., free_bytes=..., assembly=[assembly]
+    settings) -> a running Face."""
     running: list[HttpService] = []
 
     def start(
-        *, min_free_mb: int = 0, free_bytes: Callable[[Path], int] | None = None, **http: Any
+        *,
+        min_free_mb: int = 0,
+        free_bytes: Callable[[Path], int] | None = None,
+        assembly: dict[str, Any] | None = None,
+        **http: Any,
     ) -> Face:
         tokens, entries = role_tokens(ROLES)
         config = {"bind": "127.0.0.1", "port": free_port(), "tokens": entries, **http}
@@ -90,6 +95,7 @@ def start_face(engine: Engine, tmp_path: Path) -> Iterator[StartFace]:
                 "database_url": engine.url.render_as_string(hide_password=False),
             },
             http=config,
+            assembly=assembly or {},
         )
         spool = Spool(
             settings.storage.spool_dir, **({"free_bytes": free_bytes} if free_bytes else {})

@@ -13,10 +13,13 @@ from typing import Any
 import httpx
 import pytest
 from argon2 import PasswordHasher
+from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
+from daemon.db import commitments, queue
+from daemon.db.schema import CommitmentState
 from daemon.logsetup import LineFormatter
-from tests.console_rows import Documents, Filled, fill, write_documents
+from tests.console_rows import CT, Documents, Filled, fill, write_documents
 from tests.unit.http.conftest import Face, StartFace
 
 # Cheap hashes for tests (a verification costs what its hash's parameters say).
@@ -101,6 +104,28 @@ def start_console(start_face: StartFace, tmp_path: Path) -> StartConsole:
 @pytest.fixture
 def console(start_console: StartConsole) -> Console:
     return start_console()
+
+
+def dead_commitment_report(console: Console, calling_ae: str = "CT_ROOM3") -> int:
+    """A modality's Storage Commitment request whose report job died, as a worker leaves
+    them (the job dead, the request marked dead); the job's id."""
+    engine = console.engine
+    with engine.begin() as conn:
+        request_id, key, _ = commitments.record_request(
+            conn,
+            generate_uid(),
+            calling_ae,
+            [(CT, generate_uid())],
+            max_attempts=1,
+            first_attempt_seconds=0,
+        )
+    job = queue.claim_key(engine, key, "test-worker", lease_seconds=60)
+    assert job is not None
+    error = f"no association to {calling_ae}: connection refused"
+    queue.fail(engine, job.id, "test-worker", error, queue.RetryPolicy())
+    with engine.begin() as conn:
+        commitments.mark(conn, request_id, CommitmentState.DEAD, error)
+    return job.id
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
