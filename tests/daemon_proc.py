@@ -147,14 +147,19 @@ class Daemon:
         return self.proc
 
     def start(self, timeout: float = 180.0, upgrade: bool = True) -> Daemon:
-        """Upgrade the database, start serving and wait until the port accepts."""
+        """Upgrade the database, start serving and wait until its ports accept (the DICOM
+        port, and the HTTP port when configured: serve opens it after the DICOM one)."""
         self.spawn(upgrade)
         assert self.proc is not None
+        ports = [self.port]
+        http_port = int(self.config.get("http", {}).get("port", 0))
+        if http_port:
+            ports.append(http_port)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
-            if port_accepts(self.port):
+            if all(port_accepts(port) for port in ports):
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"serve did not listen within {timeout} s:\n{self.log()}")
