@@ -117,6 +117,7 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"
     REPLACED = "replaced"
     RESTORED = "restored"
+    REWRITTEN = "rewritten"  # identical to the current version, whose file had gone
 
 
 @dataclass(frozen=True)
@@ -860,7 +861,7 @@ class Ingestor:
                     seen = _Upserted()
                     results = [self._record(conn, item, seen) for item in pending]
                     # The renames must be durable before the rows that name them commit.
-                    renamed = (Outcome.STORED, Outcome.REPLACED)
+                    renamed = (Outcome.STORED, Outcome.REPLACED, Outcome.REWRITTEN)
                     self.spool.sync_dirs(
                         [i.path for i, r in zip(pending, results, strict=True) if r in renamed]
                     )
@@ -920,7 +921,9 @@ class Ingestor:
         same = next((r for r in rows if r.sha256 == sha), None)
         if same is not None:
             if same.superseded_at is None:
-                return Outcome.DUPLICATE
+                if os.path.exists(same.path):
+                    return Outcome.DUPLICATE
+                return self._rewrite(conn, item, same)
             # An older version is sent again: it becomes current again, its file untouched.
             conn.execute(
                 update(Instance)
@@ -976,6 +979,25 @@ class Ingestor:
             self._warn_changed(item, current, "changed instance stored as newer version")
             return Outcome.REPLACED
         return Outcome.STORED
+
+    def _rewrite(self, conn: Connection, item: _Pending, row: Any) -> Outcome | OSError:
+        """An identical resend of an instance whose spool file is gone puts the file back
+        (a duplicate answered without it would leave the row naming nothing)."""
+        try:
+            self.spool.rename_temp(item.temp_file(), item.path)
+        except OSError as exc:
+            return exc
+        conn.execute(update(Instance).where(Instance.id == row.id).values(path=str(item.path)))
+        log.warning(
+            "instance file was missing from the spool: rewritten from its resend",
+            extra=kv(
+                sop=item.ids.sop_instance_uid,
+                study=item.ids.study_uid,
+                calling_ae=item.calling_ae,
+                missing=row.path,
+            ),
+        )
+        return Outcome.REWRITTEN
 
     def _warn_changed(self, item: _Pending, older: list[Any], msg: str) -> None:
         log.warning(

@@ -264,6 +264,22 @@ def test_refused_and_duplicate_instances_leave_no_temporary_file(
     assert list(ingestor.spool.tmp_dir.iterdir()) == []
 
 
+def test_an_identical_resend_puts_back_a_file_gone_from_the_spool(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = ct()
+    assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    (row,) = rows(engine)
+    Path(row.path).unlink()  # lost outside pacs-ai: a disk error, a hand-made cleanup
+    with caplog.at_level(logging.WARNING, logger="daemon.receive.ingest"):
+        assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    assert [r.id for r in rows(engine)] == [row.id]  # the same row, no new version
+    assert_rows_name_their_bytes(engine)
+    assert list(ingestor.spool.tmp_dir.iterdir()) == []
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "missing from the spool" in line
+
+
 def test_a_closed_ingestor_answers_out_of_resources(
     ingestor: Ingestor, engine: Engine, tmp_path: Path
 ) -> None:
