@@ -861,7 +861,7 @@ class Ingestor:
                     seen = _Upserted()
                     results = [self._record(conn, item, seen) for item in pending]
                     # The renames must be durable before the rows that name them commit.
-                    renamed = (Outcome.STORED, Outcome.REPLACED, Outcome.REWRITTEN)
+                    renamed = (Outcome.STORED, Outcome.REPLACED)
                     self.spool.sync_dirs(
                         [i.path for i, r in zip(pending, results, strict=True) if r in renamed]
                     )
@@ -923,7 +923,7 @@ class Ingestor:
             if same.superseded_at is None:
                 if os.path.exists(same.path):
                     return Outcome.DUPLICATE
-                return self._rewrite(conn, item, same)
+                return self._rewrite(item, same)
             # An older version is sent again: it becomes current again, its file untouched.
             conn.execute(
                 update(Instance)
@@ -980,21 +980,21 @@ class Ingestor:
             return Outcome.REPLACED
         return Outcome.STORED
 
-    def _rewrite(self, conn: Connection, item: _Pending, row: Any) -> Outcome | OSError:
+    def _rewrite(self, item: _Pending, row: Any) -> Outcome | OSError:
         """An identical resend of an instance whose spool file is gone puts the file back
-        (a duplicate answered without it would leave the row naming nothing)."""
+        where its row says (a duplicate answered without it would leave the row naming
+        nothing); that may be a kept-aside path, so its directory is flushed here."""
         try:
-            self.spool.rename_temp(item.temp_file(), item.path)
+            self.spool.commit_temp(item.temp_file(), Path(row.path))
         except OSError as exc:
             return exc
-        conn.execute(update(Instance).where(Instance.id == row.id).values(path=str(item.path)))
         log.warning(
             "instance file was missing from the spool: rewritten from its resend",
             extra=kv(
                 sop=item.ids.sop_instance_uid,
                 study=item.ids.study_uid,
                 calling_ae=item.calling_ae,
-                missing=row.path,
+                path=row.path,
             ),
         )
         return Outcome.REWRITTEN

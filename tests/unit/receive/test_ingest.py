@@ -280,6 +280,20 @@ def test_an_identical_resend_puts_back_a_file_gone_from_the_spool(
     assert "missing from the spool" in line
 
 
+def test_a_resend_puts_back_a_restored_version_under_its_own_path_not_the_newer_ones(
+    ingestor: Ingestor, engine: Engine, tmp_path: Path
+) -> None:
+    v1 = ct(1)
+    v2 = ct(2, like=v1)
+    for ds in (v1, v2, v1):  # v1 kept aside when v2 came, then made current again
+        assert ingestor.store(request(ds, tmp_path)).Status == status.SUCCESS
+    restored = next(r for r in current(engine))
+    Path(restored.path).unlink()
+    assert ingestor.store(request(v1, tmp_path)).Status == status.SUCCESS
+    assert_rows_name_their_bytes(engine)  # v2's file, at the instance's path, untouched
+    assert [r.path for r in current(engine)] == [restored.path]
+
+
 def test_a_closed_ingestor_answers_out_of_resources(
     ingestor: Ingestor, engine: Engine, tmp_path: Path
 ) -> None:
