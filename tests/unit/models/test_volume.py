@@ -95,3 +95,54 @@ def test_duplicate_positions_count_once(tmp_path: Path, file_folder: MakeFolder)
     volume = read_volume(paths, load_model(folder))
     np.testing.assert_allclose(volume.batch[0, :, 0, 0, 0], [0.0, 2.0, 4.0], atol=1e-3)
     assert volume.ordering.duplicates
+
+
+def test_only_the_slices_the_resampling_uses_are_decoded(
+    tmp_path: Path, file_folder: MakeFolder
+) -> None:
+    paths = _series_at(tmp_path, [float(z) for z in range(11)])
+    broken = pydicom.dcmread(paths[3])
+    broken.PixelData = b"\0" * 10  # undecodable: harmless while nothing reads it
+    broken.save_as(paths[3])
+    shallow = file_folder("shallow", volume_onnx(tmp_path / "d3.onnx", "NDHWC", depth=3),
+                          input=_volume_input(shape=[3, 16, 16]))
+    volume = read_volume(paths, load_model(shallow))  # made at z 0, 5 and 10
+    np.testing.assert_allclose(volume.batch[0, :, 0, 0, 0], [0.0, 5.0, 10.0], atol=1e-3)
+    assert len(volume.rows) == 11, "the volume still names every slice of the series"
+
+    deep = file_folder("deep", volume_onnx(tmp_path / "d11.onnx", "NDHWC", depth=11),
+                       input=_volume_input(shape=[11, 16, 16]))
+    with pytest.raises(PreprocessError, match="pixel data") as refused:
+        read_volume(paths, load_model(deep))
+    assert refused.value.path == paths[3]
+
+
+@pytest.mark.parametrize("spacing_mm", [None, 0.7, 3.0])
+def test_a_volume_from_the_slices_used_equals_one_from_every_slice(
+    tmp_path: Path, file_folder: MakeFolder, spacing_mm: float | None
+) -> None:
+    positions = [0.0, 0.5, 2.0, 2.0, 3.5, 7.0, 7.4, 9.0, 12.0, 12.5]
+    values = [0.0, 2.0, 6.0, 11.0, 10.0, 21.0, 22.0, 27.0, 36.0, 38.0]  # whole HU: as stored
+    paths = _series_at(tmp_path, positions, values)
+    folder = file_folder("vol", volume_onnx(tmp_path / "vol.onnx", "NDHWC", depth=6),
+                         input=_volume_input(shape=[6, 16, 16], spacing_mm=spacing_mm))
+    model = load_model(folder)
+    distinct = np.array(sorted(set(positions)))
+    slices = [np.mean([v for z, v in zip(positions, values, strict=True) if z == d])
+              for d in distinct]
+    stack = np.array(slices, dtype=np.float32).reshape(-1, 1, 1, 1)
+    expected = fit_depth(resample(stack, distinct, target_positions(distinct, model.manifest
+                                                                      .reads)), 6)
+    volume = read_volume(paths, model)
+    np.testing.assert_allclose(volume.batch[0, :, 0, 0, 0], expected[:, 0, 0, 0], atol=1e-3)
+
+
+def test_a_measured_zscore_takes_its_mean_and_spread_from_every_slice(
+    tmp_path: Path, file_folder: MakeFolder
+) -> None:
+    positions = [float(z) for z in range(11)]
+    folder = file_folder("vol", volume_onnx(tmp_path / "vol.onnx", "NDHWC", depth=3),
+                         input=_volume_input(shape=[3, 16, 16], normalisation="zscore"))
+    volume = read_volume(_series_at(tmp_path, positions), load_model(folder))
+    expected = (np.array([0.0, 5.0, 10.0]) - np.mean(positions)) / np.std(positions)
+    np.testing.assert_allclose(volume.batch[0, :, 0, 0, 0], expected, atol=1e-4)
