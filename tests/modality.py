@@ -209,12 +209,13 @@ class ModalitySimulator(InProcessPeer):
 
     @contextmanager
     def associate(
-        self, port: int, called: str = "PACSAI", *, storage: bool = True
+        self, port: int, called: str = "PACSAI", *, storage: bool = True, timeout: float = 30
     ) -> Iterator[Association]:
         """An established association for storage, MPPS and commitment (reports on it are
-        recorded); released at the end unless already gone."""
+        recorded); released at the end unless already gone (aborted when the release is not
+        answered within `timeout` seconds)."""
         ae = AE(ae_title=self.aet)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         if storage:
             for sop_class in STORAGE_CLASSES:
                 ae.add_requested_context(sop_class, UNCOMPRESSED)

@@ -141,10 +141,15 @@ def _outcome(engine: Engine, request: Any) -> Outcome:
 
 
 def _held_open(assoc: Association) -> bool:
-    """Whether the modality keeps the N-ACTION's association (no release within HOLD_SECONDS)."""
+    """Whether the modality keeps the N-ACTION's association (no release within HOLD_SECONDS).
+
+    Only the association's state is read: pynetdicom's `acse.is_release_requested()` takes
+    the request off the association's queue, and the association, never seeing it, would
+    leave the modality's release unanswered until the modality's own timeout.
+    """
     deadline = time.monotonic() + HOLD_SECONDS
     while time.monotonic() < deadline:
-        if not assoc.is_established or assoc.acse.is_release_requested():
+        if not assoc.is_established:
             return False
         time.sleep(HOLD_POLL_SECONDS)
     return bool(assoc.is_established)

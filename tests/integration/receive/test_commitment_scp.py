@@ -4,6 +4,7 @@ SQLite and PostgreSQL (the `engine` fixture)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from daemon.dicom.status import (
     RESOURCE_LIMITATION,
 )
 from daemon.receive import Receiver
-from daemon.receive.commitment_scp import deliver
+from daemon.receive.commitment_scp import HOLD_SECONDS, deliver
 from tests.daemon_proc import wait_for
 from tests.integration.receive.helpers import ct_dataset, try_associate
 from tests.modality import ModalitySimulator, references
@@ -129,6 +130,26 @@ def test_report_comes_on_a_new_association_when_the_modality_releases(
         assert got.report.success
         assert len(ct.reports(transaction)) == 1
     assert request_row(engine, transaction).state == "reported"
+
+
+# A modality that releases while the receiver waits to see whether it holds the association:
+# each release is a race between that wait and the association answering it.
+RELEASES_WITHIN_THE_HOLD = 15
+
+
+def test_a_release_during_the_hold_is_answered_and_the_report_comes_on_a_new_association(
+    engine: Engine, start: Start, port: int
+) -> None:
+    with ModalitySimulator("CT01") as ct:
+        start(engine, [source(ct)])
+        for _ in range(RELEASES_WITHIN_THE_HOLD):
+            images, transaction = study(1), generate_uid()
+            with ct.associate(port, timeout=3) as assoc:
+                ct.store(assoc, images)
+                assert ct.request_commitment(assoc, transaction, references(images)) == 0
+                time.sleep(HOLD_SECONDS / 2)
+            assert assoc.is_released and not assoc.is_aborted, "the release went unanswered"
+            assert not ct.wait_for_report(transaction, REPORT_TIMEOUT).same_association
 
 
 def test_modality_outside_sources_is_refused(
