@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -23,6 +24,7 @@ PALETTE = "PALETTE COLOR"
 
 _NATIVE_LITTLE_ENDIAN = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 # Errors pydicom and its plugins raise for pixel data they cannot turn into an array.
+DEFER_BYTES = 64 * 1024  # values this large (the pixel data) stay in the file until used
 _DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError)
 
 
@@ -38,12 +40,17 @@ class PreprocessError(Exception):
         return f"{self.path}: {self.reason}"
 
 
-def read_header(path: Path) -> Dataset:
-    """The dataset without pixel data, or a `PreprocessError` naming the file."""
+def _read(path: Path, **options: Any) -> Dataset:
+    """`pydicom.dcmread` with these options, or a `PreprocessError` naming the file."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, **options)
     except (InvalidDicomError, OSError, EOFError) as error:
         raise PreprocessError(path, f"not a readable DICOM file ({error})") from error
+
+
+def read_header(path: Path) -> Dataset:
+    """The dataset without pixel data, or a `PreprocessError` naming the file."""
+    return _read(path, stop_before_pixels=True)
 
 
 def _window_of(ds: Dataset, window: Window | str) -> tuple[float, float] | None:
@@ -188,10 +195,13 @@ def _native_grey(ds: Dataset) -> np.ndarray | None:
 def read_dataset(path: Path, *, pixels: bool = True) -> Dataset:
     """The whole dataset (or, without `pixels`, all before the pixel data), or a
     `PreprocessError` naming the file."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, EOFError) as error:
-        raise PreprocessError(path, f"not a readable DICOM file ({error})") from error
+    return _read(path, stop_before_pixels=not pixels)
+
+
+def read_deferred(path: Path) -> Dataset:
+    """The dataset with its pixel data left in the file until first used (a `PreprocessError`
+    naming the file when it cannot be read): headers first, pixels only where needed."""
+    return _read(path, defer_size=DEFER_BYTES)
 
 
 def _intensity(scaling: Intensity | Window | str) -> Intensity:

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from models.loaded import LoadedModel
 from models.manifest import Intensity, Manifest, ModelInput
@@ -25,10 +23,9 @@ from models.ordering import (
     arrange,
     geometry_of,
 )
-from models.preprocess import PreprocessError, decode_dataset, volume_batch
+from models.preprocess import PreprocessError, decode_dataset, read_deferred, volume_batch
 
 MIN_SLICES = 3  # fewer distinct positions make no volume worth a 3D model's answer
-DEFER_BYTES = 64 * 1024  # values this large (the pixel data) stay in the file until used
 
 
 @dataclass(frozen=True)
@@ -133,15 +130,6 @@ def _positions(ordered: OrderedSeries, spec: ModelInput) -> np.ndarray:
         raise PreprocessError(rows[0].path, "input.spacing_mm needs ImagePositionPatient and "
                               "ImageOrientationPatient on every slice")
     return np.arange(len(rows), dtype=np.float64)  # evenly spaced, by number
-
-
-def read_deferred(path: Path) -> Dataset:
-    """The dataset with its pixel data left in the file until first used (a `PreprocessError`
-    naming the file when it cannot be read): headers first, pixels only where needed."""
-    try:
-        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
-    except (InvalidDicomError, OSError, EOFError) as error:
-        raise PreprocessError(path, f"not a readable DICOM file ({error})") from error
 
 
 def _decode(headers: dict[Path, Dataset], paths: Sequence[Path], intensity: Intensity,

@@ -233,8 +233,9 @@ def test_serve_stops_on_sigterm_after_a_receiver_process_died(
     # Started, not just listening: a receiver killed before start-up is done is a failed
     # start (exit 1), which is another test's business.
     wait_for(lambda: " daemon.service serving " in daemon.log(), 60, "serve to finish starting")
-    assert len(listening_children(daemon.proc.pid, daemon.port)) == 2
-    os.kill(listening_children(daemon.proc.pid, daemon.port)[0], signal.SIGKILL)
+    receivers = listening_children(daemon.proc.pid, daemon.port)
+    assert len(receivers) == 2, f"receiver processes listening on {daemon.port}: {receivers}"
+    os.kill(receivers[0], signal.SIGKILL)
     try:
         wait_for(lambda: "receiver not running" in daemon.log(), 30, "the health loop to notice")
     except AssertionError as exc:
