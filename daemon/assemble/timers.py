@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
@@ -24,6 +25,42 @@ log = logging.getLogger(__name__)
 # an ended MPPS step then closes its study at once, without one query per instance of a
 # burst.
 SETTLE_SECONDS = 0.05
+# APScheduler skips a job whose earlier run (same id) is still going; `OneAtATime` makes
+# overlapping runs harmless, so the scheduler is told to let this many through.
+OVERLAPPING_RUNS = 8
+
+
+class OneAtATime:
+    """Runs the call a key stands for (deciding one study) one at a time: asked again while
+    it runs, it runs once more after, so a request that came mid-decision (an MPPS step
+    ended) is never lost, and a burst of them costs one more run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: set[Hashable] = set()
+        self._again: set[Hashable] = set()
+
+    def run(self, key: Hashable, call: Callable[[], object]) -> None:
+        """`call()` now, or, while `key` runs, once more by that run when it ends."""
+        with self._lock:
+            if key in self._busy:
+                self._again.add(key)
+                return
+            self._busy.add(key)
+        done = False
+        try:
+            while not done:
+                call()
+                with self._lock:
+                    done = key not in self._again
+                    self._again.discard(key)
+                    if done:
+                        self._busy.discard(key)
+        finally:
+            if not done:  # the call raised: the next request for the key starts afresh
+                with self._lock:
+                    self._busy.discard(key)
+                    self._again.discard(key)
 
 
 class Assembler:
@@ -36,6 +73,7 @@ class Assembler:
         self._expire = dt.timedelta(hours=settings.assembly.mpps_expire_hours)
         self._max_attempts = settings.retry.max_attempts
         self._scheduler = scheduler
+        self._runs = OneAtATime()
         scheduler.add_job(
             self.sweep,
             "interval",
@@ -71,6 +109,7 @@ class Assembler:
                 id=job_id,
                 replace_existing=True,
                 misfire_grace_time=None,
+                max_instances=OVERLAPPING_RUNS,
             )
 
     def _keep(
@@ -86,18 +125,24 @@ class Assembler:
                 id=job_id,
                 replace_existing=True,
                 misfire_grace_time=None,
+                max_instances=OVERLAPPING_RUNS,
             )
 
     def _decide(self, study_uid: str) -> None:
-        decide(self._engine, self._waits, study_uid)
+        self._runs.run(("decide", study_uid),
+                       lambda: decide(self._engine, self._waits, study_uid))
 
     def _fire_early(self, study_uid: str) -> None:
-        if self._early is not None:
-            queue_early(self._engine, study_uid, self._early, self._max_attempts)
+        early = self._early
+        if early is not None:
+            self._runs.run(("early", study_uid), lambda: queue_early(
+                self._engine, study_uid, early, self._max_attempts))
 
     def _fire_arriving(self, study_uid: str) -> None:
-        if self._early is not None:
-            queue_early(self._engine, study_uid, self._early, self._max_attempts, arriving=True)
+        early = self._early
+        if early is not None:
+            self._runs.run(("arriving", study_uid), lambda: queue_early(
+                self._engine, study_uid, early, self._max_attempts, arriving=True))
 
     def sweep(self) -> int:
         """Decide every study that may be done (a restart loses the timers), then expire the

@@ -5,6 +5,7 @@ receiver's ingest, on SQLite and PostgreSQL (the `engine` fixture)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, select
 
-from daemon.assemble import Assembler, Waits, decide, rules
+from daemon.assemble import Assembler, Waits, decide, rules, timers
 from daemon.assemble.versions import queue_early
 from daemon.config import Settings
 from daemon.db import mpps
@@ -270,3 +271,43 @@ def test_an_instance_arriving_while_the_rules_look_keeps_the_version_open(
     monkeypatch.setattr(rules, "evidence_of", arrival_meanwhile)
     assert decide(engine, EVIDENCE, study_uid) is None
     assert closed(engine, study_uid) == []
+
+
+def test_a_step_ending_while_its_study_is_being_decided_closes_it_right_after(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APScheduler skips a timer whose earlier run is still going: the decision asked for
+    by the step's end must still be made (not left to the quiet window)."""
+    study_uid = generate_uid()
+    step = start_step(engine, study_uid)
+    paths = series(tmp_path, study_uid)
+    store(ingestor, paths)
+    settings = Settings(
+        assembly={"quiet_seconds": NEVER, "evidence_seconds": 0, "early_seconds": 0},
+        storage={"spool_dir": str(tmp_path)},
+    )
+    scheduler = BackgroundScheduler()
+    assembler = Assembler(engine, settings, scheduler)
+    decided = timers.decide
+    first = threading.Event()
+
+    def step_ends_meanwhile(engine: Engine, waits: Waits, uid: str) -> Any:
+        reason = decided(engine, waits, uid)
+        if not first.is_set():  # the first decision saw the step IN PROGRESS; still going
+            first.set()
+            end_step(engine, step, "COMPLETED", images(paths))
+            assembler.arrived(study_uid)  # as the MPPS receiver does
+            time.sleep(10 * timers.SETTLE_SECONDS)  # the step's own timer fires meanwhile
+        return reason
+
+    monkeypatch.setattr(timers, "decide", step_ends_meanwhile)
+    scheduler.start()
+    try:
+        assembler.arrived(study_uid)
+        deadline = time.monotonic() + 5.0
+        while not closed(engine, study_uid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        scheduler.shutdown()
+    assert first.is_set()
+    assert [v.reason for v in closed(engine, study_uid)] == ["mpps"]
