@@ -142,7 +142,8 @@ class Assembler:
         early = self._early
         if early is not None:
             self._runs.run(("arriving", study_uid), lambda: queue_early(
-                self._engine, study_uid, early, self._max_attempts, arriving=True))
+                self._engine, study_uid, early, self._max_attempts, arriving=True,
+                any_study=self._waits.evidence is not None))
 
     def sweep(self) -> int:
         """Decide every study that may be done (a restart loses the timers), then expire the

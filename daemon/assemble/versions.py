@@ -82,17 +82,22 @@ def queue_early(
     max_attempts: int,
     *,
     arriving: bool = False,
+    any_study: bool = False,
 ) -> bool:
     """Queue an `embed` job for the study's open version if it paused for `early_seconds`,
-    or, `arriving`, while it still arrives, if its modality's MPPS step is IN PROGRESS (the
-    step's end will close it at once: the CNNs keep pace with the images meanwhile).
+    or, `arriving`, while it still arrives, if it may close the moment it stops: its
+    modality's MPPS step is IN PROGRESS, or (`any_study`: the evidence rule is in force)
+    its images may vouch for it `evidence_seconds` after the last. The CNNs keep pace with
+    the images meanwhile, where the quiet window would leave them time to catch up.
 
     Only a cache is at stake: a study that moved on, or one already queued for analysis,
     gets nothing, and the analysis does whatever the early run did not.
     """
     with engine.begin() as conn:
         study = paused_study(conn, study_uid, 0 if arriving else early_seconds)
-        if study is None or (arriving and not mpps.in_progress(conn, study_uid)):
+        if study is None or (
+            arriving and not any_study and not mpps.in_progress(conn, study_uid)
+        ):
             return False
         arrived = conn.execute(
             select(func.count()).where(
@@ -104,7 +109,7 @@ def queue_early(
         queue.enqueue(
             conn,
             EMBED,
-            embed_key(study_uid, study.version, arrived),
+            embed_key(study_uid, study.version, arrived, arriving=arriving),
             max_attempts=max_attempts,
             study_id=study.id,
             payload={"study_uid": study_uid, "study_version": study.version}

@@ -10,9 +10,10 @@ VERIFY = "verify"
 COMMITMENT_REPORT = "commitment-report"
 
 
-def embed_key(study_uid: str, version: int, instances: int) -> str:
-    """An early CNN run covers what had arrived: once per count of instances."""
-    return f"{EMBED}:{study_uid}:v{version}:n{instances}"
+def embed_key(study_uid: str, version: int, instances: int, *, arriving: bool = False) -> str:
+    """An early run covers what had arrived: once per count of instances, and apart for a
+    pass while the study arrives (CNNs only), so the whole run after a pause still comes."""
+    return f"{EMBED}:{study_uid}:v{version}:n{instances}" + (":arriving" if arriving else "")
 
 
 def analyse_key(study_uid: str, version: int) -> str:

@@ -241,6 +241,11 @@ def test_sweep_closes_what_timers_lost_and_expires_steps_of_studies_that_never_c
     assert len(expired) == 1 and expired[0].kv["step"] == lost  # type: ignore[attr-defined]
 
 
+def embed_payloads(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.execute(select(Job.key, Job.payload).where(Job.kind == "embed")).all())
+
+
 def test_cnns_keep_pace_with_a_study_whose_mpps_step_is_in_progress(
     engine: Engine, ingestor: Ingestor, tmp_path: Path
 ) -> None:
@@ -250,9 +255,26 @@ def test_cnns_keep_pace_with_a_study_whose_mpps_step_is_in_progress(
     store(ingestor, series(tmp_path, with_step))
     assert not queue_early(engine, without, 0.5, 3, arriving=True)
     assert queue_early(engine, with_step, 0.5, 3, arriving=True)
-    with engine.connect() as conn:
-        (payload,) = conn.execute(select(Job.payload).where(Job.kind == "embed")).scalars()
-    assert payload == {"study_uid": with_step, "study_version": 1, "arriving": True}
+    assert embed_payloads(engine) == {
+        f"embed:{with_step}:v1:n4:arriving":
+            {"study_uid": with_step, "study_version": 1, "arriving": True},
+    }
+
+
+def test_cnns_keep_pace_with_any_study_while_the_evidence_rule_may_close_it(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path
+) -> None:
+    study_uid = generate_uid()
+    store(ingestor, series(tmp_path, study_uid))
+    assert queue_early(engine, study_uid, 0.5, 3, arriving=True, any_study=True)
+    time.sleep(0.05)
+    # The whole early run after the pause is its own job beside the pass at the same count.
+    assert queue_early(engine, study_uid, 0.01, 3)
+    assert embed_payloads(engine) == {
+        f"embed:{study_uid}:v1:n4:arriving":
+            {"study_uid": study_uid, "study_version": 1, "arriving": True},
+        f"embed:{study_uid}:v1:n4": {"study_uid": study_uid, "study_version": 1},
+    }
 
 
 def test_an_instance_arriving_while_the_rules_look_keeps_the_version_open(
