@@ -1,5 +1,6 @@
-"""Early analysis: while a study is still in its quiet window the CNNs start on what arrived,
-and the analysis that follows runs no file through a CNN again."""
+"""Early analysis: while a study is still in its quiet window the CNNs start on what arrived
+(and, where the evidence rule may close it, while it arrives), and the analysis that follows
+runs no file through a CNN again."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _send_and_wait_analysed(
     files = write_series(tmp_path / "series", slices=SLICES, rows=64, cols=64, lesion=True,
                          seed=31)
     config = daemon_config(tmp_path, demo_models, database_url=database_url, report=report or {},
-                           assembly={"quiet_seconds": 3, "sweep_seconds": 60, **assembly})
+                           assembly={"quiet_seconds": 3, "sweep_seconds": 60,
+                                     "evidence_seconds": 0, **assembly})
     daemon = make_daemon(config).start()
     assert storescu(daemon.port, files).returncode == 0
     wait_for(lambda: "report written" in daemon.log(), 120, "the study analysed and reported")
@@ -66,6 +68,21 @@ def test_cnns_start_in_the_quiet_window_and_the_analysis_reuses_every_file(
     assert [p.name.split("-")[0] for p in kept.glob("*.npz")] == [
         f"{ds.SeriesInstanceUID}.demo"
     ]
+
+
+def test_under_the_evidence_rule_the_cnns_run_while_the_study_arrives(
+    tmp_path: Path, demo_models: Path, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon, _ = _send_and_wait_analysed(tmp_path, demo_models, make_daemon,
+                                        early_seconds=0.5, evidence_seconds=2)
+    log = daemon.log().splitlines()
+    passes = [line for line in log
+              if "study queued for early analysis" in line and "arriving=True" in line]
+    (closed,) = [line for line in log if "study queued for analysis" in line]
+    (analysed,) = [line for line in log if "series analysed" in line]
+    assert passes and log.index(passes[0]) < log.index(closed)
+    assert _field(closed, "reason") == "evidence"
+    assert (_field(analysed, "images"), _field(analysed, "reused")) == (str(SLICES), str(SLICES))
 
 
 def test_with_early_seconds_zero_the_analysis_runs_the_cnns_itself(
