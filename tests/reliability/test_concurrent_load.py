@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests.daemon_proc import STORESCU, Daemon, storescu, wait_for
 from tests.interop.conftest import daemon_config
@@ -18,6 +19,7 @@ SENDERS = 8
 PER_SENDER = 50
 
 
+@pytest.mark.slow  # a load test (~1-2 min with its set-up): `make test-all` and CI
 def test_eight_concurrent_senders_store_every_instance_once_without_lock_errors(
     tmp_path: Path,
     demo_models: Path,
