@@ -24,8 +24,8 @@ PALETTE = "PALETTE COLOR"
 
 _NATIVE_LITTLE_ENDIAN = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 # Errors pydicom and its plugins raise for pixel data they cannot turn into an array.
-DEFER_BYTES = 64 * 1024  # values this large (the pixel data) stay in the file until used
 _DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError)
+DEFER_BYTES = 64 * 1024  # values this large (the pixel data) stay in the file until used
 
 
 class PreprocessError(Exception):
