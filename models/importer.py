@@ -4,6 +4,7 @@ in, and a manifest to edit whose [input] and [output] are read from the file."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,28 @@ def import_model(source: Path, out: Path, name: str, version: str, fmt: str | No
         raise ManifestError(source, "(file)", "no such file")
     if out.exists() and any(out.iterdir()):
         raise ManifestError(out, "(directory)", "exists and is not empty")
-    interface = _keras_interface(source) if fmt == "keras" else _onnx_interface(source)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / (source.stem + f".{fmt}")
-    shutil.copyfile(source, target)
-    manifest, notes = manifest_for(target.name, interface, name, version, fmt, target)
+    with tempfile.TemporaryDirectory(prefix="pacs-ai-import-") as scratch:
+        staged = Path(scratch) / (source.stem + f".{fmt}")  # nothing lands in `out` if refused
+        try:
+            merged = _stage(source, staged, fmt)
+            interface = _keras_interface(staged) if fmt == "keras" else _onnx_interface(staged)
+            manifest, notes = manifest_for(staged.name, interface, name, version, fmt, staged)
+        except ManifestError as error:  # named after the file the site gave, not the copy
+            raise ManifestError(source, error.field, error.message) from error
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.move(staged, out / staged.name)
+    if merged:
+        notes.insert(0, f"weights_file: the weights {source.name} kept in files beside it "
+                     "are inside the copy here, so its sha256 covers them")
     write_manifest(manifest, out, header=_header(source, notes))
     return manifest, notes
+
+
+def _stage(source: Path, staged: Path, fmt: str) -> bool:
+    """The model file copied for its folder, as one file (True: weights taken inside)."""
+    if fmt == "onnx":
+        from models.runtimes.onnx_file import write_whole
+
+        return write_whole(source, staged)
+    shutil.copyfile(source, staged)
+    return False

@@ -4,13 +4,15 @@ output names, shapes and types are read from the file and checked against the ma
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import uses_external_data
+from onnx.checker import MAXIMUM_PROTOBUF
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from models.manifest import Manifest, ManifestError
@@ -32,17 +34,48 @@ def opset_of(proto: onnx.ModelProto) -> int:
                 0)
 
 
+def _parse(path: Path) -> onnx.ModelProto:
+    """The file's graph (weights kept beside it left there), or one line saying why not."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as error:
+        raise ManifestError(path, "weights_file", f"not an ONNX model: {error}") from error
+
+
 def read_proto(path: Path) -> onnx.ModelProto:
     """The model's graph without weights kept beside it, or one line saying why not; a model
     with external weights is refused (the manifest's sha256 would not cover them)."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, OSError, ValueError) as error:
-        raise ManifestError(path, "weights_file", f"not an ONNX model: {error}") from error
-    if any(uses_external_data(t) for t in proto.graph.initializer):
+    proto = _parse(path)
+    if keeps_weights_beside(proto):
         raise ManifestError(path, "weights_file", "the model keeps weights in external files, "
-                            "which its sha256 does not cover: save it as one .onnx file")
+                            "which its sha256 does not cover: save it as one .onnx file "
+                            "(`pacs-ai models import` does)")
     return proto
+
+
+def keeps_weights_beside(proto: onnx.ModelProto) -> bool:
+    """Whether the graph's weights lie in files beside it (PyTorch's exporter writes
+    `NAME.onnx.data` by default)."""
+    return any(uses_external_data(t) for t in proto.graph.initializer)
+
+
+def write_whole(source: Path, target: Path) -> bool:
+    """The model written to `target` as one file, so one sha256 covers it: its own bytes, or
+    (True) its graph with the weights it keeps in files beside it taken inside."""
+    proto = _parse(source)
+    if not keeps_weights_beside(proto):
+        shutil.copyfile(source, target)
+        return False
+    try:
+        load_external_data_for_model(proto, str(source.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        raise ManifestError(source, "weights_file", "the weights it keeps beside it cannot be "
+                            f"read: {error}") from error
+    if proto.ByteSize() > MAXIMUM_PROTOBUF:
+        raise ManifestError(source, "weights_file", "with its weights inside it would pass the "
+                            "2 GB one ONNX file can hold; pacs-ai runs one file")
+    onnx.save_model(proto, str(target))
+    return True
 
 
 def providers(device: str) -> list[str]:

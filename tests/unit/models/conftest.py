@@ -125,3 +125,20 @@ def demo_cnn_onnx(quick_demo: DemoResult, tmp_path_factory: pytest.TempPathFacto
 
     seed_cnn = load_model(quick_demo.models_dir / "demo-cnn").model
     return export_onnx(with_embedding(seed_cnn), tmp_path_factory.mktemp("onnx") / "cnn.onnx")
+
+
+@pytest.fixture
+def split_onnx(tmp_path: Path) -> Path:
+    """A 3D ONNX classifier (the same weights as `whole.onnx` beside the folder) saved the way
+    PyTorch's exporter saves by default: the graph in `split.onnx`, the weights beside it in
+    `split.onnx.data`."""
+    import onnx
+
+    from models.examples import volume_onnx
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    proto = onnx.load(str(volume_onnx(tmp_path / "whole.onnx")))
+    onnx.save_model(proto, str(folder / "split.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="split.onnx.data", size_threshold=0)
+    return folder / "split.onnx"

@@ -3,7 +3,11 @@ a worker will and tries it: exit 0 ok, 1 fails on the study, 2 the folder is wro
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from daemon.cli import main
 from models.commands import check_command, import_command
@@ -105,3 +109,46 @@ def test_an_imported_keras_onnx_export_reads_its_final_softmax(
     manifest = load_manifest(out)
     assert (manifest.answers.activation, manifest.answers.name) == ("none", "Identity:0")
     assert check_command(out) == 0
+
+
+def test_an_onnx_export_with_its_weights_beside_it_becomes_one_file_that_answers_alike(
+    tmp_path: Path, split_onnx: Path, study: Path
+) -> None:
+    out = tmp_path / "vol"
+    assert import_command(split_onnx, out, "vol", "1") == 0
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.toml", "split.onnx"]
+    assert "the weights split.onnx kept in files beside it are inside the copy here" in (
+        out / "manifest.toml").read_text()
+    volume = np.random.default_rng(0).random((1, 1, 8, 16, 16), np.float32)
+    answers = [ort.InferenceSession(str(path)).run(None, {"volume": volume})[0]
+               for path in (tmp_path / "whole.onnx", out / "split.onnx")]
+    np.testing.assert_array_equal(*answers)
+    assert check_command(out, study) == 0
+
+
+def test_an_onnx_export_whose_weights_file_is_missing_is_refused_and_makes_no_folder(
+    tmp_path: Path, split_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split_onnx.with_name("split.onnx.data").unlink()
+    out = tmp_path / "vol"
+    assert import_command(split_onnx, out, "vol", "1") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {split_onnx}: weights_file: the weights it keeps beside it "
+                           "cannot be read: ")
+    assert not out.exists()
+
+
+def test_a_file_that_is_no_image_model_is_refused_by_its_own_name_and_makes_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plane = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10, 10])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "flat", [plane],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10])])
+    source = tmp_path / "flat.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    out = tmp_path / "flat"
+    assert import_command(source, out, "flat", "1") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {source}: input: the model's input 'x' (?, 10, 10) float32 "
+                           "is neither an image batch (rank 4) nor a volume batch (rank 5)")
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """Keras and ONNX model files load only when they are what the manifest says: every shape,
 name, class count, layout and dtype checked at load, errors naming the file and field."""
 
+import shutil
 from pathlib import Path
 
 import keras
@@ -129,6 +130,14 @@ def test_an_onnx_output_narrower_than_the_class_list_is_refused(
     folder = file_folder("vol", volume_onnx(tmp_path / "vol.onnx"), input=VOLUME_INPUT,
                          classes=classes)
     assert "3 classes listed but the model's output" in _refused(folder, "classes")
+
+
+def test_an_onnx_file_keeping_its_weights_beside_it_is_refused_at_load(
+    file_folder: MakeFolder, split_onnx: Path
+) -> None:
+    folder = file_folder("vol", split_onnx, input=VOLUME_INPUT)
+    shutil.copyfile(split_onnx.with_name("split.onnx.data"), folder / "split.onnx.data")
+    assert "which its sha256 does not cover" in _refused(folder, "weights_file")
 
 
 def test_an_onnx_input_name_the_file_lacks_is_refused(tmp_path: Path, file_folder: MakeFolder
