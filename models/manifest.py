@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import tomllib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -323,10 +325,34 @@ _SEED_ONLY = frozenset({"kind", "input_shape", "conv_filters", "embedding_width"
                         "preprocessing", "embedding_model"})
 
 
+def _models_in(annotation: object) -> Iterator[type[BaseModel]]:
+    """The manifest sections an annotation names, through lists, unions and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    """The fields the manifest knows at `loc` (e.g. ["input"]); none where it cannot tell."""
+    model: type[BaseModel] | None = Manifest
+    for part in loc:
+        if part.isdigit() or model is None:  # an item of a list: the list's own section
+            continue
+        field = model.model_fields.get(part)
+        model = next(_models_in(field.annotation), None) if field else None
+    return list(model.model_fields) if model is not None else []
+
+
 def _field_of(error: ValidationError) -> tuple[str, str]:
-    """The dotted field and message of a pydantic error, for `ManifestError`."""
-    first = error.errors()[0]
+    """The dotted field and message of a pydantic error, for `ManifestError`; an unknown
+    field comes first, since a misspelt one also makes its right spelling missing."""
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc, message = [str(part) for part in first["loc"]], first["msg"]
+    if first["type"] == "extra_forbidden":
+        meant = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
+        message = "unknown key" + (f" (did you mean {meant[0]}?)" if meant else "")
     problem = first.get("ctx", {}).get("error")
     if isinstance(problem, FieldProblem):
         loc, message = [*loc, problem.field], problem.message

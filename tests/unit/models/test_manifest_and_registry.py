@@ -37,6 +37,28 @@ def test_unknown_key_is_refused_naming_file_and_field(tmp_path: Path) -> None:
     assert str(caught.value).startswith(f"{path}: colour: ")
 
 
+@pytest.mark.parametrize(("key", "meant"), [("shadw", "shadow"),
+                                            ("input.layuot", "input.layout"),
+                                            ("classes.1.treshold", "classes.1.threshold")])
+def test_a_misspelt_key_is_named_before_the_one_it_leaves_missing_with_its_spelling(
+    tmp_path: Path, key: str, meant: str
+) -> None:
+    fields = manifest_fields("net", format="onnx", weights_file="net.onnx", kind=None,
+                             input_shape=None, input={"level": "image", "layout": "NHWC",
+                                                      "shape": [24, 24]})
+    *section, name = meant.split(".")
+    table = fields
+    for part in section:
+        table = table[int(part)] if part.isdigit() else table[part]
+    table[key.rsplit(".", 1)[-1]] = table.pop(name, False)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(path)
+    assert caught.value.field == key
+    assert caught.value.message.startswith(f"unknown key (did you mean {name}?)")
+
+
 def test_bad_code_field_is_named_with_its_path(tmp_path: Path) -> None:
     fields = manifest_fields("cnn-x")
     del fields["classes"][0]["code"]["value"]
