@@ -117,9 +117,10 @@ def _study(path: Path) -> list[_Series]:
 
 def _run_image(choice: Choice, series: _Series, out: Print) -> None:
     result = infer_series(series.paths, choice)
-    images = max(len(result.rows), 1)
-    top = result.image_probabilities.max(axis=0) if len(result.rows) else np.zeros(0)
-    out(f"  series {series.uid} ({len(result.rows)} images), highest per class: "
+    count = len(result.rows)
+    images = max(count, 1)
+    top = result.image_probabilities.max(axis=0) if count else np.zeros(0)
+    out(f"  series {series.uid} ({count} image{'' if count == 1 else 's'}), highest per class: "
         f"{_classes(choice.cnn.manifest, top)}; {result.timing.total_s / images * 1000:.1f} ms"
         f" per image ({result.timing.forward_s / images * 1000:.1f} forward)")
     for lstm in result.series:

@@ -11,6 +11,7 @@ from typing import Any
 
 from models.manifest import PRIVATE_SCHEME, Manifest, ManifestError, sha256_of, write_manifest
 from models.runtimes.base import Tensor
+from models.volume import MIN_SLICES
 
 FORMATS = {".keras": "keras", ".onnx": "onnx"}
 LEGACY = (".h5", ".hdf5")
@@ -113,6 +114,8 @@ def manifest_for(file_name: str, interface: Interface, name: str, version: str, 
         "weights_file": file_name, "weights_sha256": sha256_of(path),
         "intended_use": EDIT_ME, "clinical_use": False, "classes": classes,
         "input": inputs,
+        # A volume needs a few slices: a scout or a dose report is no series for this model.
+        "selection": {"min_slices": MIN_SLICES if inputs["level"] == "series" else 1},
         "output": {"activation": "none" if interface.squashed else "softmax",
                    "name": output.name},
     }

@@ -1,6 +1,7 @@
 """`models import` makes a folder from a .keras or .onnx file; `models check` loads a folder as
 a worker will and tries it: exit 0 ok, 1 fails on the study, 2 the folder is wrong."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from pydicom.data import get_testdata_file
 
 from daemon.cli import main
 from models.commands import check_command, import_command
@@ -30,6 +32,7 @@ def test_an_imported_keras_file_passes_check_on_a_study(
     assert import_command(backbone_file, out, "net", "2.0") == 0
     manifest = load_manifest(out)
     assert (manifest.format, manifest.level, manifest.reads.shape) == ("keras", "image", [32, 32])
+    assert manifest.selection.min_slices == 1
     assert manifest.answers.activation == "none"  # the file ends in a softmax
     assert "pacs-ai models check" in (out / "manifest.toml").read_text()
     capsys.readouterr()
@@ -48,10 +51,12 @@ def test_an_imported_onnx_volume_model_runs_on_the_series_as_one_volume(
     manifest = load_manifest(out)
     assert (manifest.opset, manifest.reads.layout, manifest.reads.shape) == (
         17, "NCDHW", [8, 16, 16])
+    assert manifest.selection.min_slices == 3  # a scout is no volume: not selected
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), study / "scout.dcm")
     assert main(["models", "check", str(out), "--study", str(study)]) == 0
     printed = capsys.readouterr().out
     assert "onnxruntime" in printed and "(5 slices as one volume)" in printed
-    assert "ms per series" in printed
+    assert "ms per series" in printed and "FAILED" not in printed
 
 
 def test_a_model_that_fails_on_the_study_exits_1(
@@ -59,6 +64,8 @@ def test_a_model_that_fails_on_the_study_exits_1(
 ) -> None:
     out = tmp_path / "vol"
     import_command(volume_onnx(tmp_path / "v.onnx"), out, "vol", "1")
+    manifest = out / "manifest.toml"  # a site admitting any series to its 3D model
+    manifest.write_text(manifest.read_text().replace("min_slices = 3", "min_slices = 1"))
     write_series(tmp_path / "two", slices=2, rows=40, cols=40, seed=1)
     assert check_command(out, tmp_path / "two") == 1
     assert "FAILED on series" in capsys.readouterr().out
