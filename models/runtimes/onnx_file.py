@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx.checker import MAXIMUM_PROTOBUF
+from onnx.checker import MAXIMUM_PROTOBUF, ValidationError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
@@ -46,14 +46,14 @@ def read_proto(path: Path) -> onnx.ModelProto:
     """The model's graph without weights kept beside it, or one line saying why not; a model
     with external weights is refused (the manifest's sha256 would not cover them)."""
     proto = _parse(path)
-    if keeps_weights_beside(proto):
+    if _keeps_weights_beside(proto):
         raise ManifestError(path, "weights_file", "the model keeps weights in external files, "
                             "which its sha256 does not cover: save it as one .onnx file "
                             "(`pacs-ai models import` does)")
     return proto
 
 
-def keeps_weights_beside(proto: onnx.ModelProto) -> bool:
+def _keeps_weights_beside(proto: onnx.ModelProto) -> bool:
     """Whether the graph's weights lie in files beside it (PyTorch's exporter writes
     `NAME.onnx.data` by default)."""
     return any(uses_external_data(t) for t in proto.graph.initializer)
@@ -63,12 +63,12 @@ def write_whole(source: Path, target: Path) -> bool:
     """The model written to `target` as one file, so one sha256 covers it: its own bytes, or
     (True) its graph with the weights it keeps in files beside it taken inside."""
     proto = _parse(source)
-    if not keeps_weights_beside(proto):
+    if not _keeps_weights_beside(proto):
         shutil.copyfile(source, target)
         return False
     try:
         load_external_data_for_model(proto, str(source.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+    except (OSError, ValueError, ValidationError) as error:
         raise ManifestError(source, "weights_file", "the weights it keeps beside it cannot be "
                             f"read: {error}") from error
     if proto.ByteSize() > MAXIMUM_PROTOBUF:
