@@ -80,6 +80,10 @@ def _input_line(model: LoadedModel) -> str:
     if scaling == "window":
         window = spec.window
         scaling += " auto" if window == "auto" else f" {window.center:g}/{window.width:g}"
+    if spec.standardise is not None:
+        mean, std = (", ".join(f"{v:g}" for v in values)
+                     for values in (spec.standardise.mean, spec.standardise.std))
+        scaling += f", standardised by mean {mean} std {std}"
     depth = f", spacing {spec.spacing_mm:g} mm" if spec.spacing_mm else ""
     return (f"{model.runtime.input}: {spec.level} level, {spec.layout}, {spec.channels} "
             f"channel{'s' if spec.channels > 1 else ''}, {scaling}{depth}")

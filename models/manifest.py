@@ -136,6 +136,22 @@ class Intensity(_Strict):
         return self
 
 
+class Standardise(_Strict):
+    """`[input] standardise`: after a window or range (0..1) and the channels, each channel
+    less its mean over its std, as a model trained with torchvision's `Normalize` (ImageNet's
+    mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225]) expects; one value for all
+    channels, or one per channel."""
+
+    mean: Annotated[list[float], Field(min_length=1, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1, max_length=3)]
+
+    @model_validator(mode="after")
+    def _paired(self) -> Standardise:
+        if len(self.mean) != len(self.std):
+            raise FieldProblem("std", f"{len(self.std)} values for {len(self.mean)} means")
+        return self
+
+
 class ModelInput(Intensity):
     """What a keras or onnx model reads (`[input]`): one image, or the whole series as one
     volume, in which layout, size, channels and dtype, scaled how; checked against the file."""
@@ -147,6 +163,7 @@ class ModelInput(Intensity):
     dtype: Literal["float32", "float16", "float64"] = "float32"
     name: str | None = None
     spacing_mm: Annotated[float, Field(gt=0.0)] | None = None
+    standardise: Standardise | None = None
 
     @model_validator(mode="after")
     def _level_layout_shape(self) -> ModelInput:
@@ -159,6 +176,13 @@ class ModelInput(Intensity):
         if self.spacing_mm is not None and self.level != "series":
             raise FieldProblem("spacing_mm", "is for level \"series\" (a volume's slice "
                                "spacing)")
+        if self.standardise is not None:
+            if self.normalisation not in ("window", "range"):
+                raise FieldProblem("standardise", "follows a window or range (values in 0..1), "
+                                   f"not normalisation = {self.normalisation!r}")
+            if len(self.standardise.mean) not in (1, self.channels):
+                raise FieldProblem("standardise", f"{len(self.standardise.mean)} means for "
+                                   f"{self.channels} channel(s): give one, or one per channel")
         return self
 
     @property

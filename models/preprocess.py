@@ -270,10 +270,18 @@ def to_model_input(
     return batch
 
 
+def _standardised(batch: tf.Tensor, spec: ModelInput) -> tf.Tensor:
+    """Channels last: each channel less its mean over its std, where the manifest asks."""
+    if spec.standardise is None:
+        return batch
+    mean = tf.constant(spec.standardise.mean, tf.float32)
+    return (batch - mean) / tf.constant(spec.standardise.std, tf.float32)
+
+
 def image_batch(images: tf.Tensor | np.ndarray, spec: ModelInput) -> tf.Tensor:
     """Decoded frames (N, rows, columns, 1 or 3) as an image model's input batch: padded
-    resize, channels, layout (NHWC or NCHW) and dtype."""
-    batch = to_model_input(images, spec.shape, spec.channels)
+    resize, channels, standardisation, layout (NHWC or NCHW) and dtype."""
+    batch = _standardised(to_model_input(images, spec.shape, spec.channels), spec)
     if spec.layout == "NCHW":
         batch = tf.transpose(batch, [0, 3, 1, 2])
     return tf.cast(batch, spec.dtype)
@@ -281,8 +289,10 @@ def image_batch(images: tf.Tensor | np.ndarray, spec: ModelInput) -> tf.Tensor:
 
 def volume_batch(slices: tf.Tensor | np.ndarray, spec: ModelInput) -> tf.Tensor:
     """A resampled volume's slices (depth, rows, columns, 1 or 3) as a series model's input
-    batch of one: padded resize of each slice, channels, layout (NDHWC or NCDHW), dtype."""
-    volume = to_model_input(slices, spec.shape[1:], spec.channels)[tf.newaxis]
+    batch of one: padded resize of each slice, channels, standardisation, layout (NDHWC or
+    NCDHW), dtype."""
+    volume = _standardised(to_model_input(slices, spec.shape[1:], spec.channels), spec)
+    volume = volume[tf.newaxis]
     if spec.layout == "NCDHW":
         volume = tf.transpose(volume, [0, 4, 1, 2, 3])
     return tf.cast(volume, spec.dtype)

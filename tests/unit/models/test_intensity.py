@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydantic import ValidationError
 
 from models.manifest import Intensity, ModelInput
-from models.preprocess import decode_frames, image_batch
+from models.preprocess import decode_frames, image_batch, volume_batch
 from tests.unit.models.test_preprocess import resaved, shipped
 
 CT = "CT_small.dcm"
@@ -57,3 +58,37 @@ def test_a_batch_takes_the_models_channels_layout_and_dtype() -> None:
     colour = np.random.default_rng(0).random((2, 16, 24, 3), dtype=np.float32)
     batch = np.asarray(image_batch(colour, spec))
     assert batch.shape == (2, 1, 8, 12) and batch.dtype == np.float16
+
+
+def test_standardise_takes_each_channel_after_the_window_as_torchvision_normalize() -> None:
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    spec = ModelInput(level="image", layout="NCHW", shape=[8, 8], channels=3,
+                      standardise=imagenet)
+    grey = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
+    batch = np.asarray(image_batch(grey, spec))
+    expected = (grey - np.array(imagenet["mean"])) / np.array(imagenet["std"])
+    np.testing.assert_allclose(batch, expected.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_a_volume_is_standardised_too() -> None:
+    spec = ModelInput(level="series", layout="NCDHW", shape=[4, 8, 8], channels=1,
+                      normalisation="range", min=-1000, max=400,
+                      standardise={"mean": [0.5], "std": [0.25]})
+    slices = np.random.default_rng(1).random((4, 8, 8, 1), dtype=np.float32)
+    volume = np.asarray(volume_batch(slices, spec))
+    np.testing.assert_allclose(volume[0, 0], (slices[..., 0] - 0.5) / 0.25, rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"normalisation": "zscore", "standardise": {"mean": [0.5], "std": [0.2]}},
+     "follows a window or range"),
+    ({"standardise": {"mean": [0.4, 0.5], "std": [0.2, 0.2]}}, "2 means for 3 channel(s)"),
+    ({"standardise": {"mean": [0.4, 0.5, 0.6], "std": [0.2]}}, "1 values for 3 means"),
+])
+def test_a_standardisation_that_cannot_apply_is_refused_naming_it(fields: dict,
+                                                                  says: str) -> None:
+    with pytest.raises(ValidationError, match="standardise") as caught:
+        ModelInput.model_validate({"level": "image", "layout": "NHWC", "shape": [8, 8],
+                                   "channels": 3, **fields})
+    assert says in str(caught.value)
