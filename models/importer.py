@@ -127,7 +127,8 @@ def manifest_for(file_name: str, interface: Interface, name: str, version: str, 
 def _header(source: Path, notes: list[str]) -> str:
     """Comments at the top of the written manifest: where it came from, what to edit."""
     lines = [f"# Written by `pacs-ai models import` from {source.name}.",
-             "# Edit: classes (names, codes, thresholds), [selection], [input] normalisation,",
+             "# Edit: classes (names, codes, thresholds), [selection], [input] normalisation",
+             "# (and standardise, for a model trained with torchvision's Normalize),",
              "# intended_use; then run `pacs-ai models check` on this folder."]
     lines += [f"# Check: {note}" for note in notes]
     return "\n".join(lines) + "\n\n"
