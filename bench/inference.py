@@ -15,6 +15,7 @@ side). Run with `python -m bench.inference`; the `RESULT` lines are machine-read
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -200,6 +201,7 @@ def main() -> None:
         ready = read_volume(paths, volume, args.workers).batch
         runs["volume full"] = lambda: infer_volume(paths, volume, workers=args.workers)
         runs["volume forward"] = lambda: volume.runtime.forward(ready)
+        gc.freeze()  # as a worker does once its models are loaded (daemon.worker.make_context)
         medians = _median_times(runs, args.repeats)
     print(f"series: {args.slices} slices {args.size}x{args.size} CT, batch {args.batch}, "
           f"{args.workers} reader threads, median of {args.repeats}")
