@@ -2,8 +2,9 @@
 
 A study's open version closes, first rule first:
 
-1. ``mpps``: a step of the study ended (COMPLETED or DISCONTINUED) and every instance
-   its Performed Series Sequence names is stored, some of them in the open version.
+1. ``mpps``: a step of the study (one naming it, or one that made a series it holds)
+   ended (COMPLETED or DISCONTINUED) and every instance its Performed Series Sequence
+   names is stored, some of them in the open version.
 2. ``evidence``: nothing arrived for `evidence_seconds`, no step of the study is still
    IN PROGRESS, and every series the open version touches is complete by its images'
    own evidence (daemon.assemble.evidence).
@@ -146,7 +147,8 @@ def snapshot(conn: Connection, study_uid: str) -> Snapshot | None:
         )
     ).scalar_one()
     steps = tuple(
-        _ended_step(conn, row, study.id, study.version) for row in mpps.ended_steps(conn, study_uid)
+        _ended_step(conn, row, study.id, study.version)
+        for row in mpps.ended_steps(conn, study_uid, study.id)
     )
     paused = (utcnow() - study.last_received_at).total_seconds()
     return Snapshot(
@@ -281,7 +283,7 @@ def decide(
     """Close the study's open version if a rule says it is done; the reason, or None."""
     with engine.connect() as conn:
         snap = snapshot(conn, study_uid)
-        in_progress = snap is not None and mpps.in_progress(conn, study_uid)
+        in_progress = snap is not None and mpps.in_progress(conn, study_uid, snap.study_id)
     if snap is None:
         return None
     if not snap.has_open:

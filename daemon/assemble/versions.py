@@ -96,7 +96,7 @@ def queue_early(
     with engine.begin() as conn:
         study = paused_study(conn, study_uid, 0 if arriving else early_seconds)
         if study is None or (
-            arriving and not any_study and not mpps.in_progress(conn, study_uid)
+            arriving and not any_study and not mpps.in_progress(conn, study_uid, study.id)
         ):
             return False
         arrived = conn.execute(

@@ -2,19 +2,32 @@
 
 The receiver (daemon.receive.mpps) writes them; the assembler (daemon.assemble) reads
 them to decide when a study is done and marks each final step with the study version
-whose closing took it into account. Everything runs in the caller's transaction.
+whose closing took it into account. A step belongs to the study it names and to any
+study holding a series it made (its `mpps_step_series` rows). Everything runs in the
+caller's transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    delete,
+    exists,
+    insert,
+    select,
+    union,
+    update,
+)
 
 from daemon.db.queue import dialect_insert
-from daemon.db.schema import MppsState, MppsStep, utcnow
+from daemon.db.schema import MppsState, MppsStep, MppsStepSeries, Series, Study, utcnow
 from daemon.dicom.mpps import StepCreated, StepSet, check_final
 
 FINAL = (MppsState.COMPLETED, MppsState.DISCONTINUED)
@@ -45,7 +58,20 @@ def create_step(conn: Connection, step: StepCreated, calling_ae: str) -> bool:
         .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         .returning(MppsStep.id)
     ).first()
-    return inserted is not None
+    if inserted is None:
+        return False
+    _keep_series(conn, inserted.id, step.performed.series)
+    return True
+
+
+def _keep_series(conn: Connection, step_id: int, series: Sequence[str]) -> None:
+    """The step's series rows: exactly `series`."""
+    conn.execute(delete(MppsStepSeries).where(MppsStepSeries.step_id == step_id))
+    if series:
+        conn.execute(
+            insert(MppsStepSeries),
+            [{"step_id": step_id, "series_uid": uid} for uid in dict.fromkeys(series)],
+        )
 
 
 def set_step(conn: Connection, sop_instance_uid: str, change: StepSet) -> tuple[SetOutcome, Any]:
@@ -72,53 +98,81 @@ def set_step(conn: Connection, sop_instance_uid: str, change: StepSet) -> tuple[
             change.discontinued_reason if state == MppsState.DISCONTINUED else None
         )
     conn.execute(update(MppsStep).where(MppsStep.id == row.id).values(**values))
+    if change.performed is not None:
+        _keep_series(conn, row.id, change.performed.series)
     return SetOutcome.APPLIED, conn.execute(select(MppsStep).where(MppsStep.id == row.id)).one()
 
 
-def live(study_uid: str | ColumnElement[str]) -> ColumnElement[bool]:
-    """Steps of the study (a UID, or a column naming it) not yet taken into account nor
-    expired: those the assembler still waits on."""
+def _waited_on(states: Sequence[str]) -> ColumnElement[bool]:
+    """A step in one of `states` that no closed version took yet nor expired."""
     return (
-        (MppsStep.study_uid == study_uid)
+        MppsStep.state.in_(list(states))
         & MppsStep.closed_version.is_(None)
         & MppsStep.expired_at.is_(None)
     )
 
 
-def ended_steps(conn: Connection, study_uid: str) -> list[Row[Any]]:
-    """The study's COMPLETED or DISCONTINUED steps that no closed version took yet."""
+def waiting_on(
+    study_uid: str | ColumnElement[str], study_id: int | ColumnElement[int], states: Sequence[str]
+) -> ColumnElement[bool]:
+    """Whether a step of the study (its UID and id: values, or columns naming them) in one of
+    `states` still counts for the assembler. A step is the study's when it names it or made a
+    series the study holds; each way is its own EXISTS, so each is answered from an index."""
+    named = exists().where(MppsStep.study_uid == study_uid, _waited_on(states))
+    made = exists().where(
+        Series.study_id == study_id,
+        MppsStepSeries.series_uid == Series.series_uid,
+        MppsStep.id == MppsStepSeries.step_id,
+        _waited_on(states),
+    )
+    return named | made
+
+
+def ended_steps(conn: Connection, study_uid: str, study_id: int) -> list[Row[Any]]:
+    """The study's COMPLETED or DISCONTINUED steps that no closed version took yet (see
+    `waiting_on` for which steps are the study's)."""
+    ids = union(
+        select(MppsStep.id).where(MppsStep.study_uid == study_uid),
+        select(MppsStepSeries.step_id)
+        .join(Series, Series.series_uid == MppsStepSeries.series_uid)
+        .where(Series.study_id == study_id),
+    )
     return list(
         conn.execute(
-            select(MppsStep).where(live(study_uid), MppsStep.state.in_(FINAL)).order_by(MppsStep.id)
+            select(MppsStep).where(MppsStep.id.in_(ids), _waited_on(FINAL)).order_by(MppsStep.id)
         ).all()
     )
 
 
-def in_progress(conn: Connection, study_uid: str) -> bool:
+def in_progress(conn: Connection, study_uid: str, study_id: int) -> bool:
     """Whether a modality still performs a step of the study (N-CREATE, no final N-SET)."""
-    return (
-        conn.execute(
-            select(MppsStep.id)
-            .where(live(study_uid), MppsStep.state == MppsState.IN_PROGRESS)
-            .limit(1)
-        ).first()
-        is not None
+    return bool(
+        conn.execute(select(waiting_on(study_uid, study_id, (MppsState.IN_PROGRESS,)))).scalar()
     )
+
+
+def _studies(conn: Connection, steps: ColumnElement[bool]) -> list[str]:
+    """The studies of the steps matching `steps`: those they name and those holding a
+    series they made."""
+    named = select(MppsStep.study_uid).where(steps)
+    holding = (
+        select(Study.study_uid)
+        .join(Series, Series.study_id == Study.id)
+        .join(MppsStepSeries, MppsStepSeries.series_uid == Series.series_uid)
+        .join(MppsStep, MppsStep.id == MppsStepSeries.step_id)
+        .where(steps)
+    )
+    return sorted(conn.execute(union(named, holding)).scalars())
+
+
+def studies_of(conn: Connection, step_id: int) -> list[str]:
+    """The studies a step may close (for the assembler, when it ends)."""
+    return _studies(conn, MppsStep.id == step_id)
 
 
 def studies_with_ended_steps(conn: Connection) -> list[str]:
     """Studies some ended step waits on (for the sweep after a restart)."""
-    return list(
-        conn.execute(
-            select(MppsStep.study_uid)
-            .where(
-                MppsStep.state.in_(FINAL),
-                MppsStep.closed_version.is_(None),
-                MppsStep.expired_at.is_(None),
-            )
-            .distinct()
-        ).scalars()
-    )
+    return _studies(conn, _waited_on(FINAL))
 
 
 def mark_taken(conn: Connection, step_ids: list[int], version: int) -> None:

@@ -286,6 +286,18 @@ class MppsStep(Base):
     expired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class MppsStepSeries(Base):
+    """A series an MPPS step says it made. The images may carry a Study Instance UID the step
+    does not name (PS3.17 J.4: for grouped procedures the modality picks one scheduled
+    study's or makes a new one), so a step finds its study by its series as well."""
+
+    __tablename__ = "mpps_step_series"
+    step_id: Mapped[int] = mapped_column(
+        ForeignKey("mpps_steps.id", ondelete="CASCADE"), primary_key=True
+    )
+    series_uid: Mapped[str] = mapped_column(UID, primary_key=True, index=True)
+
+
 class CommitmentState(enum.StrEnum):
     """Where a modality's Storage Commitment request stands with its report."""
 

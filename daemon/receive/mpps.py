@@ -3,8 +3,9 @@
 N-CREATE opens a step (IN PROGRESS) for a study; N-SET ends it (COMPLETED or
 DISCONTINUED) naming, in the Performed Series Sequence, every image it made. Each is a
 committed row before we answer (daemon.db.mpps), and then `on_changed(study_uid)` tells
-the assembler (daemon.assemble) to decide again whether the study is done: a step that
-ended with all its images here closes the study version at once.
+the assembler (daemon.assemble) to decide again whether the study is done (for a step that
+ends: the study it names and any holding a series it made): a step that ended with all
+its images here closes the study version at once.
 
 Refusals carry the status Annex F names: an N-CREATE without a required attribute
 (0x0120/0x0121), a status other than IN PROGRESS (0x0106), a step that exists (0x0111);
@@ -101,6 +102,8 @@ class MppsScp:
             change = read_set(event.modification_list)
             with self._engine.begin() as conn:
                 outcome, row = steps.set_step(conn, uid, change)
+                applied = outcome == steps.SetOutcome.APPLIED
+                studies = steps.studies_of(conn, row.id) if applied else []
         except MalformedStep as exc:
             return _refused("mpps update refused", calling, uid, exc.status, str(exc))
         except DB_UNAVAILABLE as exc:
@@ -135,5 +138,6 @@ class MppsScp:
             ),
         )
         if row.state in steps.FINAL:
-            self._changed(row.study_uid)
+            for study_uid in studies:
+                self._changed(study_uid)
         return SUCCESS, None

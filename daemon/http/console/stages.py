@@ -36,7 +36,6 @@ from daemon.db.schema import (
     Job,
     JobState,
     MppsState,
-    MppsStep,
     Report,
     Study,
 )
@@ -148,8 +147,8 @@ def in_stage(tests: list[Stage], name: str) -> ColumnElement[bool]:
 
 def _steps(*states: MppsState) -> ColumnElement[bool]:
     """The study has an MPPS step the assembler still waits on in one of `states` (probed on
-    ix_mpps_steps_study_uid)."""
-    return exists().where(mpps.live(Study.study_uid), MppsStep.state.in_(list(states)))
+    ix_mpps_steps_study_uid and, by its series, ix_series_study_id)."""
+    return mpps.waiting_on(Study.study_uid, Study.id, states)
 
 
 def waiting_for(now: dt.datetime, waits: Waits) -> ColumnElement[str]:

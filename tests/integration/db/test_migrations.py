@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy import Engine, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from daemon.db import migrate, queue
 from daemon.db.engine import SQLITE_BUSY_TIMEOUT_MS, make_engine
-from daemon.db.schema import Base, Job
+from daemon.db.schema import Base, Job, MppsStep, MppsStepSeries
 
 
 @pytest.fixture
@@ -66,6 +67,30 @@ def test_second_upgrade_is_a_no_op_that_keeps_the_data(bare_engine: Engine) -> N
         assert conn.execute(select(Job.id)).scalar_one() == job_id
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
     assert versions == [(migrate.head_revision(),)]
+
+
+def test_upgrading_to_0005_gives_each_existing_mpps_step_the_series_it_made(
+    db_url: str, bare_engine: Engine
+) -> None:
+    command.upgrade(migrate.alembic_config(db_url), "0004")
+    now = dt.datetime.now(dt.UTC)
+    performed = {"series": ["1.2.3", "1.2.4"], "instances": [["1.2.3", "1.2.840.1", "1.2.5"]]}
+    with bare_engine.begin() as conn:
+        for uid, done in (("1.9.1", performed), ("1.9.2", {})):
+            conn.execute(
+                insert(MppsStep.__table__).values(
+                    sop_instance_uid=uid, calling_ae="CT01", study_uid="1.9", state="COMPLETED",
+                    performed=done, created_at=now, updated_at=now,
+                )
+            )
+    migrate.upgrade(bare_engine)
+    with bare_engine.connect() as conn:
+        rows = conn.execute(
+            select(MppsStep.sop_instance_uid, MppsStepSeries.series_uid)
+            .join(MppsStepSeries, MppsStepSeries.step_id == MppsStep.id)
+            .order_by(MppsStepSeries.series_uid)
+        ).all()
+    assert [tuple(r) for r in rows] == [("1.9.1", "1.2.3"), ("1.9.1", "1.2.4")]
 
 
 def test_sqlite_connections_are_wal_with_foreign_keys_and_a_busy_timeout(

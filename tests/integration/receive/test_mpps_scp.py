@@ -61,6 +61,22 @@ def test_step_is_created_then_completed_with_its_images(
     assert stored.count(study_uid) == 2 + 2  # two images, and the step's start and end
 
 
+def test_a_step_ending_tells_the_assembler_of_the_study_its_images_went_to(
+    engine: Engine, start_receiver: Start, port: int, stored: list[str]
+) -> None:
+    scheduled, made, step = generate_uid(), generate_uid(), generate_uid()
+    images = [ct_dataset(study=made) for _ in range(2)]
+    start_receiver(engine)
+    sim = ModalitySimulator("CT01")
+    with sim.associate(port) as assoc:
+        assert sim.mpps_create(assoc, step, mpps_create_attributes(scheduled)) == SUCCESS
+        sim.store(assoc, images)
+        stored.clear()
+        done = mpps_set_attributes("COMPLETED", performed(images))
+        assert sim.mpps_set(assoc, step, done) == SUCCESS
+    assert sorted(stored) == sorted([scheduled, made])
+
+
 def test_discontinued_step_keeps_its_reason(
     engine: Engine, start_receiver: Start, port: int
 ) -> None:

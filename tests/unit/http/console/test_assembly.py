@@ -8,7 +8,16 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select, update
 
-from daemon.db.schema import ClosedVersion, MppsState, MppsStep, Report, Study, utcnow
+from daemon.db.schema import (
+    ClosedVersion,
+    MppsState,
+    MppsStep,
+    MppsStepSeries,
+    Report,
+    Series,
+    Study,
+    utcnow,
+)
 from daemon.report.completion import Completion
 from tests.console_rows import CLOSINGS, write_documents
 from tests.unit.http.console.conftest import Console, StartConsole
@@ -111,3 +120,20 @@ def test_a_waiting_study_says_what_it_waits_for_as_the_assembler_decides(
     assert waits_for().startswith("MPPS: waiting for MPPS: the modality's procedure step")
     assert waits_for(state=MppsState.COMPLETED).startswith("MPPS images: the modality's MPPS ended")
     assert waits_for(closed_version=1).startswith("evidence:")  # the step was taken already
+    with console.engine.begin() as conn:  # a step naming another study made one of its series
+        series_uid = conn.execute(
+            select(Series.series_uid).join(Study).where(Study.study_uid == uid).limit(1)
+        ).scalar_one()
+        step_id = conn.execute(
+            insert(MppsStep)
+            .values(
+                sop_instance_uid="1.2.3.98",
+                calling_ae="CT_ROOM3",
+                study_uid="1.2.3.97",
+                state=MppsState.COMPLETED,
+                performed={},
+            )
+            .returning(MppsStep.id)
+        ).scalar_one()
+        conn.execute(insert(MppsStepSeries).values(step_id=step_id, series_uid=series_uid))
+    assert waits_for().startswith("MPPS images: the modality's MPPS ended")
