@@ -17,7 +17,7 @@ from models.infer import infer_series
 from models.loaded import LoadedModel, load_model, probe
 from models.manifest import MANIFEST_NAMES, Manifest, ManifestError, load_manifest
 from models.preprocess import PreprocessError
-from models.registry import Choice, Registry, SeriesInfo, scan_manifests
+from models.registry import Choice, Registry, SeriesInfo, refusal, scan_manifests
 from models.volume import infer_volume
 
 OK, FAILED, BAD_FOLDER = 0, 1, 2
@@ -141,8 +141,9 @@ def _run_volume(model: LoadedModel, series: _Series, out: Print) -> None:
 
 
 def run_study(registry: Registry, study: Path, out: Print) -> bool:
-    """Each model on each series of the study its selection admits; False when a model fails
-    on a series, or no model admits any."""
+    """Each model on each series of the study its selection admits (and, for each series, the
+    rule that keeps any other model off it); False when a model fails on a series, or no
+    model admits any."""
     series_list = _study(study)
     if not series_list:
         out(f"{study}: no DICOM series there")
@@ -150,6 +151,11 @@ def run_study(registry: Registry, study: Path, out: Print) -> bool:
     ran, ok = 0, True
     for series in series_list:
         info = SeriesInfo.from_files(series.paths)
+        skipped = [f"{m.name}: {why}" for m in registry.models
+                   if (why := refusal(m.manifest, info)) is not None]
+        if skipped:
+            out(f"series {series.uid} ({info.modality or 'no modality'}, {info.slices} "
+                f"image{'' if info.slices == 1 else 's'}) is not for {'; '.join(skipped)}")
         runs = [(c.cnn.name, partial(_run_image, c)) for c in registry.select(info)]
         runs += [(m.name, partial(_run_volume, m)) for m in registry.select_volumes(info)]
         for name, run in runs:

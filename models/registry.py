@@ -12,7 +12,7 @@ from models.preprocess import read_header
 from models.runtimes.seed import build_model
 
 __all__ = ["Choice", "LoadedModel", "Registry", "SeriesInfo", "build_model", "load_model",
-           "scan_manifests"]
+           "refusal", "scan_manifests"]
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,26 @@ def _upper(values: list[str]) -> set[str]:
     return {value.upper() for value in values}
 
 
-def _matches(manifest: Manifest, series: SeriesInfo) -> bool:
-    """Whether a manifest's selection rules admit a series (empty lists admit anything)."""
+def refusal(manifest: Manifest, series: SeriesInfo) -> str | None:
+    """The `[selection]` rule that keeps the model off the series (field, value and what the
+    series has), None when it admits it: so an operator sees why a model did not run."""
     rules = manifest.selection
     if rules.modalities and series.modality.upper() not in _upper(rules.modalities):
-        return False
+        return f"selection.modalities = {rules.modalities} (series: {series.modality!r})"
     if rules.body_parts and series.body_part.upper() not in _upper(rules.body_parts):
-        return False
+        return f"selection.body_parts = {rules.body_parts} (series: {series.body_part!r})"
     if rules.sop_class_uids and series.sop_class_uid not in rules.sop_class_uids:
-        return False
+        return f"selection.sop_class_uids (series: {series.sop_class_uid})"
     if series.slices < rules.min_slices:
-        return False
-    return rules.max_slices is None or series.slices <= rules.max_slices
+        return f"selection.min_slices = {rules.min_slices} (series: {series.slices})"
+    if rules.max_slices is not None and series.slices > rules.max_slices:
+        return f"selection.max_slices = {rules.max_slices} (series: {series.slices})"
+    return None
+
+
+def _matches(manifest: Manifest, series: SeriesInfo) -> bool:
+    """Whether a manifest's selection rules admit a series (empty lists admit anything)."""
+    return refusal(manifest, series) is None
 
 
 def _model_folders(models_dir: Path) -> list[Path]:

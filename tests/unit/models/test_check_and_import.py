@@ -57,6 +57,7 @@ def test_an_imported_onnx_volume_model_runs_on_the_series_as_one_volume(
     printed = capsys.readouterr().out
     assert "onnxruntime" in printed and "(5 slices as one volume)" in printed
     assert "ms per series" in printed and "FAILED" not in printed
+    assert "(CT, 1 image) is not for vol: selection.min_slices = 3 (series: 1)" in printed
 
 
 def test_a_model_that_fails_on_the_study_exits_1(

@@ -7,7 +7,7 @@ import pytest
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from models.manifest import ManifestError, load_manifest, parse_manifest
-from models.registry import Registry, SeriesInfo, load_model, scan_manifests
+from models.registry import Registry, SeriesInfo, load_model, refusal, scan_manifests
 from tests.unit.models.conftest import MakeFolder, manifest_fields
 
 CT = SeriesInfo(modality="CT", body_part="ABDOMEN", sop_class_uid=CTImageStorage, slices=40)
@@ -139,6 +139,26 @@ def test_selection_rules_check_body_part_sop_class_and_slice_range(
     assert not registry.select(SeriesInfo("CT", "HEAD", CTImageStorage, 40))
     assert not registry.select(SeriesInfo("CT", "ABDOMEN", MRImageStorage, 40))
     assert not registry.select(SeriesInfo("CT", "ABDOMEN", CTImageStorage, 51))
+
+
+@pytest.mark.parametrize(
+    ("series", "rule"),
+    [
+        (SeriesInfo("MR", "ABDOMEN", CTImageStorage, 40), "selection.modalities = ['CT']"),
+        (SeriesInfo("CT", "HEAD", CTImageStorage, 40), "selection.body_parts = ['abdomen']"),
+        (SeriesInfo("CT", "ABDOMEN", MRImageStorage, 40), "selection.sop_class_uids"),
+        (SeriesInfo("CT", "ABDOMEN", CTImageStorage, 2), "selection.min_slices = 3 (series: 2)"),
+        (SeriesInfo("CT", "ABDOMEN", CTImageStorage, 51), "selection.max_slices = 50"),
+    ],
+)
+def test_a_series_a_model_skips_is_told_which_selection_rule_keeps_it_off(
+    make_folder: MakeFolder, series: SeriesInfo, rule: str
+) -> None:
+    rules = {"modalities": ["CT"], "body_parts": ["abdomen"], "sop_class_uids": [CTImageStorage],
+             "min_slices": 3, "max_slices": 50}
+    (model,) = Registry.load(make_folder("cnn-a", selection=rules).parent).models
+    assert refusal(model.manifest, CT) is None
+    assert (refusal(model.manifest, series) or "").startswith(rule)
 
 
 def test_max_slices_below_min_slices_is_refused(tmp_path: Path) -> None:
