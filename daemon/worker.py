@@ -34,6 +34,10 @@ from daemon.spool import Spool
 log = logging.getLogger(__name__)
 
 EXIT_BAD_MODELS = 2
+# Work only a cache depends on (the CNNs on a study still arriving): claimed when nothing
+# else is due, so a closed study's analysis, report or delivery never waits behind other
+# studies' early passes (the analysis does whatever an early pass did not).
+SPECULATIVE = frozenset({EMBED})
 
 
 class ColdShutdown(BaseException):
@@ -118,9 +122,21 @@ class _Heartbeat(threading.Thread):
         self.join()
 
 
+def _claim(ctx: WorkerContext, kinds: list[str]) -> queue.ClaimedJob | None:
+    """The oldest due job of `kinds`, speculative kinds only when no other is due."""
+    lease = ctx.settings.workers.lease_seconds
+    first = [k for k in kinds if k not in SPECULATIVE]
+    last = [k for k in kinds if k in SPECULATIVE]
+    for tier in (first, last):
+        job = queue.claim(ctx.engine, ctx.owner, tier, lease) if tier else None
+        if job is not None:
+            return job
+    return None
+
+
 def run_one(ctx: WorkerContext, handlers: dict[str, JobHandler]) -> bool:
     """Claim and run one job; False when nothing was due."""
-    job = queue.claim(ctx.engine, ctx.owner, list(handlers), ctx.settings.workers.lease_seconds)
+    job = _claim(ctx, list(handlers))
     if job is None:
         return False
     log.info("job started", extra=kv(job=job.id, kind=job.kind, key=job.key, attempt=job.attempts))
