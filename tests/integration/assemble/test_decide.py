@@ -151,15 +151,22 @@ def test_missing_images_wait_for_the_quiet_window_and_the_sr_names_the_series(
     assert [(v.version, v.detail) for v in closed(engine, study_uid)][1] == (2, {})
 
 
-def test_a_step_closes_the_study_its_series_are_in_when_the_images_carry_another_uid(
+def grouped_step(
     engine: Engine, ingestor: Ingestor, tmp_path: Path
-) -> None:
-    # PS3.17 J.4: for grouped procedures the modality may give its images a Study Instance
-    # UID the step's Scheduled Step Attributes Sequence does not name.
+) -> tuple[str, str, str, list[Path]]:
+    """(scheduled study, study made, step, its stored images): PS3.17 J.4 lets a modality
+    give a grouped procedure's images a Study Instance UID the step does not name."""
     scheduled, made = generate_uid(), generate_uid()
     step = start_step(engine, scheduled)
     paths = series(tmp_path, made)
     store(ingestor, paths)
+    return scheduled, made, step, paths
+
+
+def test_a_step_closes_the_study_its_series_are_in_when_the_images_carry_another_uid(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path
+) -> None:
+    scheduled, made, step, paths = grouped_step(engine, ingestor, tmp_path)
     end_step(engine, step, "COMPLETED", images(paths))
     with engine.connect() as conn:
         assert mpps.studies_of(conn, step_row(engine, step).id) == sorted([scheduled, made])
@@ -175,10 +182,7 @@ def test_a_step_closes_the_study_its_series_are_in_when_the_images_carry_another
 def test_a_step_naming_its_series_while_in_progress_holds_evidence_back_in_their_study(
     engine: Engine, ingestor: Ingestor, tmp_path: Path
 ) -> None:
-    scheduled, made = generate_uid(), generate_uid()
-    step = start_step(engine, scheduled)
-    paths = series(tmp_path, made)
-    store(ingestor, paths)
+    _, made, step, paths = grouped_step(engine, ingestor, tmp_path)
     end_step(engine, step, "IN PROGRESS", images(paths))
     time.sleep(0.02)
     assert decide(engine, EVIDENCE, made) is None
