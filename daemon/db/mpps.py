@@ -2,9 +2,9 @@
 
 The receiver (daemon.receive.mpps) writes them; the assembler (daemon.assemble) reads
 them to decide when a study is done and marks each final step with the study version
-whose closing took it into account. A step belongs to the study it names and to any
-study holding a series it made (its `mpps_step_series` rows). Everything runs in the
-caller's transaction.
+whose closing took it into account. A step belongs to every study it was scheduled for
+(its `mpps_step_studies` rows) and to any study holding a series it made (its
+`mpps_step_series` rows). Everything runs in the caller's transaction.
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ from sqlalchemy import (
 )
 
 from daemon.db.queue import dialect_insert
-from daemon.db.schema import MppsState, MppsStep, MppsStepSeries, Series, Study, utcnow
+from daemon.db.schema import (
+    MppsState,
+    MppsStep,
+    MppsStepSeries,
+    MppsStepStudy,
+    Series,
+    Study,
+    utcnow,
+)
 from daemon.dicom.mpps import StepCreated, StepSet, check_final
 
 FINAL = (MppsState.COMPLETED, MppsState.DISCONTINUED)
@@ -60,6 +68,10 @@ def create_step(conn: Connection, step: StepCreated, calling_ae: str) -> bool:
     ).first()
     if inserted is None:
         return False
+    conn.execute(
+        insert(MppsStepStudy),
+        [{"step_id": inserted.id, "study_uid": uid} for uid in dict.fromkeys(step.studies)],
+    )
     _keep_series(conn, inserted.id, step.performed.series)
     return True
 
@@ -116,9 +128,14 @@ def waiting_on(
     study_uid: str | ColumnElement[str], study_id: int | ColumnElement[int], states: Sequence[str]
 ) -> ColumnElement[bool]:
     """Whether a step of the study (its UID and id: values, or columns naming them) in one of
-    `states` still counts for the assembler. A step is the study's when it names it or made a
-    series the study holds; each way is its own EXISTS, so each is answered from an index."""
-    named = exists().where(MppsStep.study_uid == study_uid, _waited_on(states))
+    `states` still counts for the assembler. A step is the study's when it was scheduled for
+    it or made a series the study holds; each way is its own EXISTS, so each is answered
+    from an index."""
+    named = exists().where(
+        MppsStepStudy.study_uid == study_uid,
+        MppsStep.id == MppsStepStudy.step_id,
+        _waited_on(states),
+    )
     made = exists().where(
         Series.study_id == study_id,
         MppsStepSeries.series_uid == Series.series_uid,
@@ -132,7 +149,7 @@ def ended_steps(conn: Connection, study_uid: str, study_id: int) -> list[Row[Any
     """The study's COMPLETED or DISCONTINUED steps that no closed version took yet (see
     `waiting_on` for which steps are the study's)."""
     ids = union(
-        select(MppsStep.id).where(MppsStep.study_uid == study_uid),
+        select(MppsStepStudy.step_id).where(MppsStepStudy.study_uid == study_uid),
         select(MppsStepSeries.step_id)
         .join(Series, Series.series_uid == MppsStepSeries.series_uid)
         .where(Series.study_id == study_id),
@@ -152,9 +169,13 @@ def in_progress(conn: Connection, study_uid: str, study_id: int) -> bool:
 
 
 def _studies(conn: Connection, steps: ColumnElement[bool]) -> list[str]:
-    """The studies of the steps matching `steps`: those they name and those holding a
-    series they made."""
-    named = select(MppsStep.study_uid).where(steps)
+    """The studies of the steps matching `steps`: those they were scheduled for and those
+    holding a series they made."""
+    named = (
+        select(MppsStepStudy.study_uid)
+        .join(MppsStep, MppsStep.id == MppsStepStudy.step_id)
+        .where(steps)
+    )
     holding = (
         select(Study.study_uid)
         .join(Series, Series.study_id == Study.id)

@@ -272,7 +272,9 @@ class MppsStep(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     calling_ae: Mapped[str] = mapped_column(AE)
-    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    # The study named first, as logs and the console show the step; the studies it belongs
+    # to are its mpps_step_studies and those holding its mpps_step_series.
+    study_uid: Mapped[str] = mapped_column(UID)
     state: Mapped[str] = mapped_column(String(16), default=MppsState.IN_PROGRESS)
     # {"series": [series UID...], "instances": [[series UID, SOP Class UID, SOP Instance
     # UID]...]}: the Performed Series Sequence as the modality last set it.
@@ -284,6 +286,16 @@ class MppsStep(Base):
     # The study version whose closing took the step into account; set once.
     closed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class MppsStepStudy(Base):
+    """A study an MPPS step was scheduled for (grouped procedures name several)."""
+
+    __tablename__ = "mpps_step_studies"
+    step_id: Mapped[int] = mapped_column(
+        ForeignKey("mpps_steps.id", ondelete="CASCADE"), primary_key=True
+    )
+    study_uid: Mapped[str] = mapped_column(UID, primary_key=True, index=True)
 
 
 class MppsStepSeries(Base):

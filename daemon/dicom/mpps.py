@@ -74,12 +74,19 @@ class Performed:
 
 @dataclasses.dataclass(frozen=True)
 class StepCreated:
-    """What an N-CREATE told us: the step, its study, its status, what it made so far."""
+    """What an N-CREATE told us: the step, the studies it was scheduled for (one per item of
+    its Scheduled Step Attributes Sequence, several for grouped procedures), its status,
+    what it made so far."""
 
     sop_instance_uid: str
-    study_uid: str
+    studies: tuple[str, ...]
     state: str
     performed: Performed
+
+    @property
+    def study_uid(self) -> str:
+        """The study named first: the one logs and the console show for the step."""
+        return self.studies[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +169,8 @@ def _read(what: str, info: Dataset | None, parse: Callable[[Dataset], T]) -> T:
 def read_create(sop_instance_uid: str, info: Dataset | None) -> StepCreated:
     """An N-CREATE's Attribute List as a StepCreated, or MalformedStep with Annex F's status.
 
-    The step must start IN PROGRESS and name its study in the Scheduled Step Attribute
-    Sequence (every item's Study Instance UID is Type 1; the first is the step's study).
+    The step must start IN PROGRESS and name its studies in the Scheduled Step Attribute
+    Sequence (every item's Study Instance UID is Type 1).
     """
 
     def parse(ds: Dataset) -> StepCreated:
@@ -181,8 +188,8 @@ def read_create(sop_instance_uid: str, info: Dataset | None) -> StepCreated:
             raise MalformedStep(
                 "ScheduledStepAttributesSequence has no item", MISSING_ATTRIBUTE_VALUE
             )
-        studies = [_uid(item, "StudyInstanceUID") for item in scheduled]
-        return StepCreated(sop_instance_uid, studies[0], IN_PROGRESS, _performed(ds))
+        studies = tuple(dict.fromkeys(_uid(item, "StudyInstanceUID") for item in scheduled))
+        return StepCreated(sop_instance_uid, studies, IN_PROGRESS, _performed(ds))
 
     if not is_uid(sop_instance_uid):
         raise MalformedStep("Affected SOP Instance UID is not a UID", INVALID_ATTRIBUTE_VALUE)

@@ -88,7 +88,8 @@ class MppsScp:
             "mpps step started",
             extra=kv(calling_ae=calling, step=uid, study=created.study_uid),
         )
-        self._changed(created.study_uid)
+        for study_uid in created.studies:
+            self._changed(study_uid)
         reply = Dataset()
         if not given:  # PS3.7 10.1.5: the SCP names the instance it created
             reply.AffectedSOPInstanceUID = uid

@@ -147,7 +147,7 @@ def in_stage(tests: list[Stage], name: str) -> ColumnElement[bool]:
 
 def _steps(*states: MppsState) -> ColumnElement[bool]:
     """The study has an MPPS step the assembler still waits on in one of `states` (probed on
-    ix_mpps_steps_study_uid and, by its series, ix_series_study_id)."""
+    ix_mpps_step_studies_study_uid and, by its series, ix_series_study_id)."""
     return mpps.waiting_on(Study.study_uid, Study.id, states)
 
 

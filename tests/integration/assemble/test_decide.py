@@ -78,12 +78,10 @@ def images(paths: list[Path]) -> Performed:
     )
 
 
-def start_step(engine: Engine, study_uid: str) -> str:
+def start_step(engine: Engine, *studies: str) -> str:
     uid = generate_uid()
     with engine.begin() as conn:
-        assert mpps.create_step(
-            conn, StepCreated(uid, study_uid, "IN PROGRESS", Performed()), "CT01"
-        )
+        assert mpps.create_step(conn, StepCreated(uid, studies, "IN PROGRESS", Performed()), "CT01")
     return uid
 
 
@@ -177,6 +175,21 @@ def test_a_step_closes_the_study_its_series_are_in_when_the_images_carry_another
     assert step_row(engine, step).closed_version == 1
     with engine.connect() as conn:
         assert mpps.studies_with_ended_steps(conn) == []
+
+
+def test_a_step_scheduled_for_two_studies_holds_either_while_in_progress_and_closes_it(
+    engine: Engine, ingestor: Ingestor, tmp_path: Path
+) -> None:
+    first, second = generate_uid(), generate_uid()
+    step = start_step(engine, first, second)
+    paths = series(tmp_path, second)  # the modality chose the second study's UID
+    store(ingestor, paths)
+    time.sleep(0.02)
+    assert decide(engine, EVIDENCE, second) is None
+    end_step(engine, step, "COMPLETED", images(paths))
+    with engine.connect() as conn:
+        assert mpps.studies_of(conn, step_row(engine, step).id) == sorted([first, second])
+    assert decide(engine, EVIDENCE, second) == "mpps"
 
 
 def test_a_step_naming_its_series_while_in_progress_holds_evidence_back_in_their_study(

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from daemon.db import migrate, queue
 from daemon.db.engine import SQLITE_BUSY_TIMEOUT_MS, make_engine
-from daemon.db.schema import Base, Job, MppsStep, MppsStepSeries
+from daemon.db.schema import Base, Job, MppsStep, MppsStepSeries, MppsStepStudy
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_second_upgrade_is_a_no_op_that_keeps_the_data(bare_engine: Engine) -> N
     assert versions == [(migrate.head_revision(),)]
 
 
-def test_upgrading_to_0005_gives_each_existing_mpps_step_the_series_it_made(
+def test_upgrading_to_0005_links_each_existing_mpps_step_to_its_study_and_series(
     db_url: str, bare_engine: Engine
 ) -> None:
     command.upgrade(migrate.alembic_config(db_url), "0004")
@@ -85,12 +85,18 @@ def test_upgrading_to_0005_gives_each_existing_mpps_step_the_series_it_made(
             )
     migrate.upgrade(bare_engine)
     with bare_engine.connect() as conn:
-        rows = conn.execute(
+        series = conn.execute(
             select(MppsStep.sop_instance_uid, MppsStepSeries.series_uid)
             .join(MppsStepSeries, MppsStepSeries.step_id == MppsStep.id)
             .order_by(MppsStepSeries.series_uid)
         ).all()
-    assert [tuple(r) for r in rows] == [("1.9.1", "1.2.3"), ("1.9.1", "1.2.4")]
+        studies = conn.execute(
+            select(MppsStep.sop_instance_uid, MppsStepStudy.study_uid)
+            .join(MppsStepStudy, MppsStepStudy.step_id == MppsStep.id)
+            .order_by(MppsStep.sop_instance_uid)
+        ).all()
+    assert [tuple(r) for r in series] == [("1.9.1", "1.2.3"), ("1.9.1", "1.2.4")]
+    assert [tuple(r) for r in studies] == [("1.9.1", "1.9"), ("1.9.2", "1.9")]
 
 
 def test_sqlite_connections_are_wal_with_foreign_keys_and_a_busy_timeout(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from pydicom.uid import generate_uid
 
@@ -25,6 +27,15 @@ def test_create_names_its_study_and_starts_in_progress() -> None:
         "IN PROGRESS",
         (),
     )
+
+
+def test_create_of_grouped_procedures_names_every_scheduled_study_once() -> None:
+    first, second = generate_uid(), generate_uid()
+    attributes = mpps_create_attributes(first)
+    item = copy.deepcopy(attributes.ScheduledStepAttributesSequence[0])
+    item.StudyInstanceUID = second
+    attributes.ScheduledStepAttributesSequence.extend([item, item])
+    assert read_create("1.2.3", attributes).studies == (first, second)
 
 
 def test_set_reads_series_images_and_discontinuation_reason() -> None:

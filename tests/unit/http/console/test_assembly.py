@@ -6,18 +6,11 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 
-from daemon.db.schema import (
-    ClosedVersion,
-    MppsState,
-    MppsStep,
-    MppsStepSeries,
-    Report,
-    Series,
-    Study,
-    utcnow,
-)
+from daemon.db import mpps
+from daemon.db.schema import ClosedVersion, MppsState, MppsStep, Report, Series, Study, utcnow
+from daemon.dicom.mpps import COMPLETED, IN_PROGRESS, Performed, StepCreated, StepSet
 from daemon.report.completion import Completion
 from tests.console_rows import CLOSINGS, write_documents
 from tests.unit.http.console.conftest import Console, StartConsole
@@ -112,11 +105,7 @@ def test_a_waiting_study_says_what_it_waits_for_as_the_assembler_decides(
     )
     assert waits_for(60).startswith("evidence: checking the images' evidence: closes 3600 s")
     with console.engine.begin() as conn:
-        conn.execute(
-            insert(MppsStep).values(
-                sop_instance_uid="1.2.3.99", calling_ae="CT_ROOM3", study_uid=uid, performed={}
-            )
-        )
+        mpps.create_step(conn, StepCreated("1.2.3.99", (uid,), IN_PROGRESS, Performed()), "CT3")
     assert waits_for().startswith("MPPS: waiting for MPPS: the modality's procedure step")
     assert waits_for(state=MppsState.COMPLETED).startswith("MPPS images: the modality's MPPS ended")
     assert waits_for(closed_version=1).startswith("evidence:")  # the step was taken already
@@ -124,16 +113,7 @@ def test_a_waiting_study_says_what_it_waits_for_as_the_assembler_decides(
         series_uid = conn.execute(
             select(Series.series_uid).join(Study).where(Study.study_uid == uid).limit(1)
         ).scalar_one()
-        step_id = conn.execute(
-            insert(MppsStep)
-            .values(
-                sop_instance_uid="1.2.3.98",
-                calling_ae="CT_ROOM3",
-                study_uid="1.2.3.97",
-                state=MppsState.COMPLETED,
-                performed={},
-            )
-            .returning(MppsStep.id)
-        ).scalar_one()
-        conn.execute(insert(MppsStepSeries).values(step_id=step_id, series_uid=series_uid))
+        made = Performed((series_uid,))
+        mpps.create_step(conn, StepCreated("1.2.3.98", ("1.2.3.97",), IN_PROGRESS, made), "CT3")
+        mpps.set_step(conn, "1.2.3.98", StepSet(COMPLETED, made, None))
     assert waits_for().startswith("MPPS images: the modality's MPPS ended")
