@@ -2,7 +2,7 @@
 
 A study's open version closes, first rule first:
 
-1. ``mpps``: a step of the study (one naming it, or one that made a series it holds)
+1. ``mpps``: a step of the study (one scheduled for it, or one that made a series it holds)
    ended (COMPLETED or DISCONTINUED) and every instance its Performed Series Sequence
    names is stored, some of them in the open version.
 2. ``evidence``: nothing arrived for `evidence_seconds`, no step of the study is still

@@ -3,9 +3,9 @@
 N-CREATE opens a step (IN PROGRESS) for a study; N-SET ends it (COMPLETED or
 DISCONTINUED) naming, in the Performed Series Sequence, every image it made. Each is a
 committed row before we answer (daemon.db.mpps), and then `on_changed(study_uid)` tells
-the assembler (daemon.assemble) to decide again whether the study is done (for a step that
-ends: the study it names and any holding a series it made): a step that ended with all
-its images here closes the study version at once.
+the assembler (daemon.assemble) to decide again whether the study is done (every study
+the step names, and, when it ends, any holding a series it made): a step that ended with
+all its images here closes the study version at once.
 
 Refusals carry the status Annex F names: an N-CREATE without a required attribute
 (0x0120/0x0121), a status other than IN PROGRESS (0x0106), a step that exists (0x0111);
