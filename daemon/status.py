@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, func, select, update
 
 from daemon import __version__
 from daemon.config import DicomWebDestination, Settings
-from daemon.db import audit, commitments, migrate, queue
+from daemon.db import audit, commitments, migrate, mpps, queue
 from daemon.db.deliveries import VERIFY_NONE
 from daemon.db.keys import COMMITMENT_REPORT
 from daemon.db.schema import (
@@ -115,6 +115,8 @@ def _database_status(conn: Connection) -> dict[str, Any]:
             {"id": j.id, "kind": j.kind, "key": j.key, "last_error": j.last_error}
             for j in dead_letters(conn, 10)
         ],
+        "mpps_steps": mpps.counts(conn),
+        "storage_commitments": commitments.counts(conn),
     }
 
 
@@ -227,6 +229,10 @@ def render_status(report: dict[str, Any]) -> str:
         f"  deliveries: confirmed {deliveries.get('confirmed', 0)}   "
         f"unconfirmed {deliveries.get('unconfirmed', 0)}"
     )
+    for name, key in (("mpps steps", "mpps_steps"), ("storage commitments", "storage_commitments")):
+        counted = report[key]
+        text = "   ".join(f"{state} {n}" for state, n in counted.items())
+        lines.append(f"  {name}: {text if any(counted.values()) else 'none'}")
     if waiting:
         shown = len(report["retrying"])
         lines.append(f"  waiting for retry ({waiting}; the {shown} soonest):")

@@ -89,6 +89,16 @@ def record_request(
     return request_id, key, existing is not None
 
 
+def counts(conn: Connection) -> dict[str, int]:
+    """Requests by state (every state named, zeros included), for an operator's glance."""
+    found = dict(
+        conn.execute(
+            select(CommitmentRequest.state, func.count()).group_by(CommitmentRequest.state)
+        ).all()
+    )
+    return {str(state): int(found.get(state, 0)) for state in CommitmentState}
+
+
 def load(conn: Connection, request_id: int) -> Row[Any] | None:
     """The request's row."""
     return conn.execute(

@@ -18,8 +18,10 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
+    case,
     delete,
     exists,
+    func,
     insert,
     select,
     union,
@@ -194,6 +196,20 @@ def studies_of(conn: Connection, step_id: int) -> list[str]:
 def studies_with_ended_steps(conn: Connection) -> list[str]:
     """Studies some ended step waits on (for the sweep after a restart)."""
     return _studies(conn, _waited_on(FINAL))
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    """Steps by where they stand for the assembler, for an operator's glance: performed now,
+    ended and waiting for the images they name, taken by a closed version, expired."""
+    where = case(
+        (MppsStep.expired_at.is_not(None), "expired"),
+        (MppsStep.closed_version.is_not(None), "taken"),
+        (MppsStep.state == MppsState.IN_PROGRESS, "in progress"),
+        else_="waiting for images",
+    )
+    found = dict(conn.execute(select(where, func.count()).group_by(where)).all())
+    named = ("in progress", "waiting for images", "taken", "expired")
+    return {name: int(found.get(name, 0)) for name in named}
 
 
 def mark_taken(conn: Connection, step_ids: list[int], version: int) -> None:
