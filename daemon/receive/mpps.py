@@ -103,8 +103,8 @@ class MppsScp:
             change = read_set(event.modification_list)
             with self._engine.begin() as conn:
                 outcome, row = steps.set_step(conn, uid, change)
-                applied = outcome == steps.SetOutcome.APPLIED
-                studies = steps.studies_of(conn, row.id) if applied else []
+                ended = outcome == steps.SetOutcome.APPLIED and row.state in steps.FINAL
+                studies = steps.studies_of(conn, row.id) if ended else []
         except MalformedStep as exc:
             return _refused("mpps update refused", calling, uid, exc.status, str(exc))
         except DB_UNAVAILABLE as exc:
@@ -138,7 +138,6 @@ class MppsScp:
                 reason=row.discontinued_reason,
             ),
         )
-        if row.state in steps.FINAL:
-            for study_uid in studies:
-                self._changed(study_uid)
+        for study_uid in studies:  # a step that ended: every study it may close
+            self._changed(study_uid)
         return SUCCESS, None
