@@ -24,6 +24,7 @@ GROWING = (
     "instances",
     "closed_versions",
     "mpps_steps",
+    "mpps_step_studies",
     "mpps_step_series",
     "jobs",
     "results",
