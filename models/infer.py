@@ -64,11 +64,13 @@ class SeriesResult:
 
 @dataclass(frozen=True)
 class FileOutputs:
-    """A CNN's outputs for every frame of one file, and which bytes of the file they are for."""
+    """A CNN's outputs for every frame of one file, which bytes of the file they are for, and
+    its geometry: a file seen once is not read again to order the series."""
 
     stamp: str
     probabilities: np.ndarray  # (frames, classes), float32
     embeddings: np.ndarray  # (frames, embedding_width), float32
+    geometry: FileGeometry
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,51 @@ def file_stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
+def _point(value: np.ndarray | None, size: int) -> np.ndarray:
+    """A position or orientation as `size` floats, NaN where it is missing or malformed (which
+    ordering treats alike)."""
+    if value is None or value.shape != (size,):
+        return np.full(size, np.nan)
+    return value
+
+
+def _geometry_arrays(geometries: list[FileGeometry]) -> dict[str, np.ndarray]:
+    """Files' geometry as flat arrays: one row per file, and per frame for positions."""
+    firsts = [g.refs[0] for g in geometries]
+    return {
+        "uids": np.array([ref.sop_instance_uid for ref in firsts], dtype=str),
+        "numbers": np.array([-1 if ref.instance_number is None else ref.instance_number
+                             for ref in firsts], dtype=np.int64),
+        "numbered": np.array([ref.instance_number is not None for ref in firsts], dtype=bool),
+        "sizes": np.array([(ref.rows, ref.columns) for ref in firsts], dtype=np.int64
+                          ).reshape(-1, 2),
+        "multiframe": np.array([ref.frame is not None for ref in firsts], dtype=bool),
+        "orientations": np.array([_point(g.orientation, 6) for g in geometries]).reshape(-1, 6),
+        "positions": np.array([_point(p, 3) for g in geometries for p in g.positions]
+                              ).reshape(-1, 3),
+    }
+
+
+def _known_or_none(value: np.ndarray) -> np.ndarray | None:
+    return None if np.isnan(value).any() else value
+
+
+def _geometry(path: Path, arrays: Mapping[str, np.ndarray], at: int, start: int, frames: int
+              ) -> FileGeometry:
+    """File `at`'s geometry back from `_geometry_arrays`; its frames' positions from `start`."""
+    rows, columns = (int(n) for n in arrays["sizes"][at])
+    number = int(arrays["numbers"][at]) if arrays["numbered"][at] else None
+    multiframe = bool(arrays["multiframe"][at])
+    refs = tuple(
+        SliceRef(path=path, sop_instance_uid=str(arrays["uids"][at]),
+                 frame=index + 1 if multiframe else None, position=None,
+                 instance_number=number, rows=rows, columns=columns)
+        for index in range(frames)
+    )
+    positions = tuple(_known_or_none(p) for p in arrays["positions"][start:start + frames])
+    return FileGeometry(refs, _known_or_none(arrays["orientations"][at]), positions)
+
+
 def outputs_to_bytes(outputs: Mapping[Path, FileOutputs]) -> bytes:
     """Outputs as one .npz (no pickles), to keep beside a series for the next run."""
     items = list(outputs.items())
@@ -100,6 +147,7 @@ def outputs_to_bytes(outputs: Mapping[Path, FileOutputs]) -> bytes:
         counts=np.array([len(o.probabilities) for _, o in items], dtype=np.int64),
         probabilities=_stacked([o.probabilities for _, o in items]),
         embeddings=_stacked([o.embeddings for _, o in items]),
+        **_geometry_arrays([o.geometry for _, o in items]),
     )
     return buffer.getvalue()
 
@@ -108,21 +156,34 @@ def _stacked(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+_KEPT = ("paths", "stamps", "counts", "probabilities", "embeddings", "uids", "numbers",
+         "numbered", "sizes", "multiframe", "orientations", "positions")
+
+
 def outputs_from_bytes(data: bytes) -> dict[Path, FileOutputs]:
-    """What `outputs_to_bytes` kept; ValueError if it is not such a file."""
+    """What `outputs_to_bytes` kept; ValueError if it is not such a file (or one kept before
+    outputs carried their files' geometry)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            paths, stamps, counts = npz["paths"], npz["stamps"], npz["counts"]
-            probabilities, embeddings = npz["probabilities"], npz["embeddings"]
+            arrays = {name: npz[name] for name in _KEPT}
     except (OSError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"not a file of CNN outputs: {error}") from error
-    if not len(paths) == len(stamps) == len(counts) or counts.sum() != len(probabilities):
+    counts = arrays["counts"]
+    per_file = [len(arrays[name]) for name in ("paths", "stamps", "uids", "numbers", "numbered",
+                                                "sizes", "multiframe", "orientations")]
+    if len(set(per_file)) != 1 or per_file[0] != len(counts) or any(
+        counts.sum() != len(arrays[name]) for name in ("probabilities", "positions")
+    ):
         raise ValueError("a file of CNN outputs whose parts disagree")
     ends = np.cumsum(counts)
     return {
-        Path(str(path)): FileOutputs(str(stamp), probabilities[end - n:end],
-                                     embeddings[end - n:end])
-        for path, stamp, n, end in zip(paths, stamps, counts, ends, strict=True)
+        Path(str(path)): FileOutputs(
+            str(stamp), arrays["probabilities"][end - n:end], arrays["embeddings"][end - n:end],
+            _geometry(Path(str(path)), arrays, at, int(end - n), int(n)),
+        )
+        for at, (path, stamp, n, end) in enumerate(
+            zip(arrays["paths"], arrays["stamps"], counts, ends, strict=True)
+        )
     }
 
 
@@ -160,7 +221,7 @@ def _decoder(
     manifest: Manifest, known: Mapping[Path, FileOutputs]
 ) -> Callable[[Path], _Decoded]:
     """The per-file work of a reader thread: read once, keep geometry, decode and shrink;
-    a file whose outputs are known and current is read only up to its pixel data."""
+    a file whose outputs are known and current is not read at all."""
     spec = manifest.reads
     intensity, target = spec.intensity, spec.shape
 
@@ -169,8 +230,7 @@ def _decoder(
         stamp = file_stamp(path)
         earlier = known.get(path)
         if earlier is not None and earlier.stamp == stamp:
-            ds = read_dataset(path, pixels=False)
-            return _Decoded(path, geometry_of(path, ds), [], stamp, time.perf_counter() - start)
+            return _Decoded(path, earlier.geometry, [], stamp, time.perf_counter() - start)
         ds = read_dataset(path)
         frames = decode_dataset(path, ds, intensity, target)
         return _Decoded(path, geometry_of(path, ds), frames, stamp, time.perf_counter() - start)
@@ -253,7 +313,8 @@ def embed_files(
             continue
         count = len(item.geometry.refs)
         outputs[item.path] = FileOutputs(
-            item.stamp, new_probabilities[at:at + count], new_embeddings[at:at + count]
+            item.stamp, new_probabilities[at:at + count], new_embeddings[at:at + count],
+            item.geometry,
         )
         at += count
     return Embedded(tuple(item.geometry for item in intake.files), outputs, intake.decode_s,

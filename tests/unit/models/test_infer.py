@@ -140,6 +140,46 @@ def test_outputs_kept_from_an_earlier_run_give_the_same_result_without_the_cnn(
     assert all(again.outputs[path] is kept[path] for path in series)
 
 
+def test_a_file_whose_outputs_are_kept_is_not_read_again(
+    registry: Registry, series: list[Path]
+) -> None:
+    """Its kept geometry orders the series: the bytes behind an unchanged stamp are not
+    opened, not even for the header (here they are overwritten in place, same size and
+    times, so reading them would fail)."""
+    import os
+
+    (choice,) = registry.select(SeriesInfo.from_files(series))
+    first = infer_series(series, choice)
+    kept = outputs_from_bytes(outputs_to_bytes(first.outputs))
+    for path in series:
+        times = path.stat()
+        with path.open("r+b") as file:
+            file.write(b"\0" * times.st_size)
+        os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    again = infer_series(series, choice, known=kept)
+    _same(first, again)
+    assert again.ordering == first.ordering
+
+
+def test_kept_outputs_keep_each_files_geometry(registry: Registry) -> None:
+    """Multi-frame rows, positions and orientation come back as the file gave them."""
+    from pydicom.data import get_testdata_file
+
+    from models.ordering import geometry_of
+    from models.preprocess import read_header
+
+    paths = [Path(get_testdata_file(name, download=False))
+             for name in ("SC_rgb_rle_2frame.dcm", "CT_small.dcm")]
+    first = embed_files(paths, registry.cnns[0])
+    kept = outputs_from_bytes(outputs_to_bytes(first.outputs))
+    for path in paths:
+        expected, got = geometry_of(path, read_header(path)), kept[path].geometry
+        assert got.refs == expected.refs
+        for a, b in zip((expected.orientation, *expected.positions),
+                        (got.orientation, *got.positions), strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
 def test_an_early_run_over_the_first_files_is_completed_by_the_analysis(
     registry: Registry, series: list[Path]
 ) -> None:
