@@ -76,8 +76,25 @@ def _coded(code: CodeSpec) -> CodedConcept:
     )
 
 
-def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for one classifier output: what, by which model, how sure, from what."""
+def _source_items(findings: Sequence[Finding]) -> dict[Evidence, SourceImageForMeasurementGroup]:
+    """One source item per image the findings cite, shared by every group citing it: each
+    class of a series-level model cites the same slices, and building (and then copying and
+    searching) a series' references once per class was a third of a large SR's build."""
+    return {
+        e: SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=e.sop_class_uid,
+            referenced_sop_instance_uid=e.sop_instance_uid,
+            referenced_frame_numbers=None if e.frame_number is None else [e.frame_number],
+        )
+        for e in dict.fromkeys(e for finding in findings for e in finding.evidence)
+    }
+
+
+def _measurement_group(
+    finding: Finding, sources: dict[Evidence, SourceImageForMeasurementGroup]
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one classifier output: what, by which model, how sure, from what
+    (its items taken from `sources`)."""
     finding_code = _coded(finding.finding)
     algorithm = AlgorithmIdentification(
         name=finding.model_name,
@@ -94,14 +111,6 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
         value=float(finding.probability),
         unit=codes.UCUM.NoUnits,
     )
-    sources = [
-        SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=e.sop_class_uid,
-            referenced_sop_instance_uid=e.sop_instance_uid,
-            referenced_frame_numbers=None if e.frame_number is None else [e.frame_number],
-        )
-        for e in finding.evidence
-    ]
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=finding.tracking_uid, identifier=finding.tracking_id
@@ -109,7 +118,7 @@ def _measurement_group(finding: Finding) -> MeasurementsAndQualitativeEvaluation
         finding_type=finding_code,
         algorithm_id=algorithm,
         measurements=[certainty],
-        source_images=sources,
+        source_images=[sources[e] for e in finding.evidence],
     )
     group[0].ContentSequence.extend(_visual_explanation(h) for h in finding.heatmaps)
     return group
@@ -242,10 +251,11 @@ def _report_content(
     library_images = list(library.values())
     procedure = procedure_reported(sources[0])
     if findings:
+        sources = _source_items(findings)
         report = MeasurementReport(
             observation_context=_observation_context(device),
             procedure_reported=procedure,
-            imaging_measurements=[_measurement_group(f) for f in findings],
+            imaging_measurements=[_measurement_group(f, sources) for f in findings],
             title=_IMAGING_MEASUREMENT_REPORT,
             language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(_LANGUAGE),
         )

@@ -151,6 +151,25 @@ def test_image_finding_references_one_image_and_series_finding_the_ordered_slice
     ]
 
 
+def test_findings_citing_the_same_slices_each_list_all_of_them_in_their_own_order(study):
+    """Both classes of a series model cite the same slices (and a CNN one of them): the items
+    they share are built once, yet each group reads back whole, in its own order."""
+    other_class = dataclasses.replace(series_finding(study), finding=NODULE)
+    backwards = dataclasses.replace(
+        series_finding(study[::-1]), model_name="tail-lstm", probability=0.5
+    )
+    findings = [image_finding(study[1]), series_finding(study), other_class, backwards]
+    sr = Comprehensive3DSR.from_dataset(_build(study, findings))
+    groups = sr.content.get_image_measurement_groups()
+
+    assert [[s.referenced_sop_instance_uid for s in g.source_images] for g in groups] == [
+        [study[1].SOPInstanceUID],
+        [s.SOPInstanceUID for s in study],
+        [s.SOPInstanceUID for s in study],
+        [s.SOPInstanceUID for s in study[::-1]],
+    ]
+
+
 def test_algorithm_identification_names_the_model_and_its_weights(study):
     ds = _build(study, [image_finding(study[0])])
 
