@@ -52,14 +52,20 @@ def _first_line(argv: Sequence[str]) -> str:
 
 def machine() -> dict[str, str]:
     """Date, CPUs, CPU model, memory, load and tool versions, for the record."""
-    cpu = "?"
+    cpu, flags = "?", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "?":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    # The forward passes' speed turns on it, and with it every ratio to model time: the seed
+    # CNN under TensorFlow ran 363 images/s on a 2-core AVX-512 machine here, 52 on AVX2 alone.
+    vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                    if flag in flags), "")
+    cpu = f"{cpu} ({vectors})" if vectors else cpu
     memory = "?"
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
