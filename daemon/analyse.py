@@ -284,12 +284,16 @@ class OutputsCache:
 
 
 def _failed(series_uid: str, model: Any, exc: Exception, shadow: frozenset[str]) -> dict:
-    """Log a model's failure on a series and make its error row (the rest goes on)."""
+    """Log a model's failure on a series and make its error row (the rest goes on); `model`
+    None: the series could not even be read to choose its models."""
+    name = "(selection)" if model is None else model.name
     log.warning(
         "series analysis failed",
-        extra=kv(series=series_uid, model=model.name, error=str(exc)[:300]),
+        extra=kv(series=series_uid, model=name, error=str(exc)[:300]),
     )
-    return _failure_row(series_uid, model.name, exc, model.manifest, shadow)
+    if model is None:
+        return _failure_row(series_uid, name, exc)
+    return _failure_row(series_uid, name, exc, model.manifest, shadow)
 
 
 def _analysed(series_uid: str, model: str, seconds: float, early: bool, **counts: int) -> None:
@@ -313,15 +317,19 @@ def analyse_one_series(
     series-level model); a failure becomes a row naming the error.
     `early`: a run ahead of the analysis proper, logged as such."""
     from models.infer import infer_series
-    from models.preprocess import PreprocessError
+    from models.preprocess import PreprocessError, read_deferred
     from models.registry import SeriesInfo
     from models.volume import infer_volume
 
     model_errors = (PreprocessError, InvalidDicomError, ValueError)
     try:
-        info = SeriesInfo.from_files(series.paths)
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        return [_failure_row(series.series_uid, "(selection)", exc)]
+        headers = {path: read_deferred(path) for path in series.paths}
+        info = SeriesInfo.from_headers(list(headers.values()))
+    except (*model_errors, OSError) as exc:
+        return [_failed(series.series_uid, None, exc, shadow)]
+    volumes = registry.select_volumes(info)
+    if not volumes:
+        headers.clear()  # only a series-level model reads them again
     rows: list[dict[str, Any]] = []
     for choice in registry.select(info):
         known = cache.load(series.series_uid, choice.cnn.manifest) if cache else {}
@@ -341,9 +349,9 @@ def analyse_one_series(
         if heatmaps is not None:
             add_heatmaps(produced, result, choice.cnn, heatmaps)
         rows.extend(produced)
-    for model in registry.select_volumes(info):
+    for model in volumes:
         try:
-            volume = infer_volume(series.paths, model)
+            volume = infer_volume(series.paths, model, headers=headers)
         except model_errors as exc:
             rows.append(_failed(series.series_uid, model, exc, shadow))
             continue
@@ -495,7 +503,7 @@ def embed_series(series: SeriesFiles, registry: Registry, cache: OutputsCache) -
 
     try:
         info = SeriesInfo.from_files(series.paths)
-    except (InvalidDicomError, OSError, ValueError):
+    except (PreprocessError, InvalidDicomError, OSError, ValueError):
         return
     cnns = {choice.cnn.name: choice.cnn for choice in registry.select(info)}
     for cnn in cnns.values():

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from models.loaded import LoadedModel, load_model
 from models.manifest import MANIFEST_NAMES, Manifest, ManifestError, load_manifest
 from models.preprocess import read_header
@@ -27,9 +29,14 @@ class SeriesInfo:
     @classmethod
     def from_files(cls, paths: Sequence[Path]) -> SeriesInfo:
         """Describe a series from its files' headers; slices counts frames of multi-frames."""
-        if not paths:
+        return cls.from_headers([read_header(Path(path)) for path in paths])
+
+    @classmethod
+    def from_headers(cls, headers: Sequence[Dataset]) -> SeriesInfo:
+        """Describe a series from its files' headers, read once by a caller that needs them
+        again (a series-level model reads the same headers to order its volume)."""
+        if not headers:
             raise ValueError("a series needs at least one file")
-        headers = [read_header(Path(path)) for path in paths]
         first = headers[0]
         return cls(
             modality=str(first.get("Modality", "")),

@@ -5,7 +5,7 @@ gaps included) to a fixed depth or a spacing in mm, then the model's input batch
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,15 +158,21 @@ def _zscored(stack: np.ndarray, every: np.ndarray) -> np.ndarray:
     return (stack - np.float32(every.mean())) / np.float32(std if std > 0 else 1.0)
 
 
-def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2) -> Volume:
+def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2,
+                headers: Mapping[Path, Dataset] | None = None) -> Volume:
     """A series as a series-level model's input batch of one; a PreprocessError naming a file
     when the series cannot be one volume (sizes differ, too few slices, no positions for a
-    spacing). Every header is read, but only the slices the resampling uses are decoded."""
+    spacing). Every header is read (unless given: `read_deferred`'s, pixel data left in the
+    file), but only the slices the resampling uses are decoded."""
     spec = model.manifest.reads
     measured = spec.normalisation == "zscore" and spec.mean is None
     intensity = Intensity(normalisation="none") if measured else spec.intensity
     start = time.perf_counter()
-    headers = {path: read_deferred(path) for path in dict.fromkeys(Path(p) for p in paths)}
+    given = headers or {}
+    headers = {
+        path: given[path] if path in given else read_deferred(path)
+        for path in dict.fromkeys(Path(p) for p in paths)
+    }
     ordered = arrange([geometry_of(path, ds) for path, ds in headers.items()],
                       uniform_size=True)
     rows = ordered.slices
@@ -194,11 +200,11 @@ def read_volume(paths: Sequence[Path], model: LoadedModel, workers: int = 2) -> 
     return Volume(batch, rows, ordered.report, decode_s, time.perf_counter() - tick)
 
 
-def infer_volume(paths: Sequence[Path], model: LoadedModel, *, workers: int = 2
-                 ) -> VolumeResult:
+def infer_volume(paths: Sequence[Path], model: LoadedModel, *, workers: int = 2,
+                 headers: Mapping[Path, Dataset] | None = None) -> VolumeResult:
     """A series-level model's probabilities for one series (see `read_volume`)."""
     start = time.perf_counter()
-    volume = read_volume(paths, model, workers)
+    volume = read_volume(paths, model, workers, headers)
     tick = time.perf_counter()
     probabilities, _ = model.predict(volume.batch)
     forward_s = time.perf_counter() - tick

@@ -60,3 +60,31 @@ def test_a_series_too_short_for_a_volume_is_an_error_row_and_the_rest_is_kept(
 def test_a_replay_of_the_volume_model_runs_only_it(registry: Registry) -> None:
     only = restrict(registry, ["vol"])
     assert (only.cnns, [m.name for m in only.volumes]) == ((), ["vol"])
+
+
+def test_a_series_with_a_file_that_is_not_dicom_is_one_error_row_naming_it(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    series = _series(tmp_path, 3)
+    series.paths[1].write_bytes(b"not a DICOM file " * 64)
+    (row,) = analyse_one_series(series, registry)
+    assert row["model_name"] == "(selection)" and row["level"] == "series"
+    assert str(series.paths[1]) in row["error"] and "not a readable DICOM file" in row["error"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "series analysis failed"
+    ]
+
+
+def test_the_volume_model_orders_the_headers_the_selection_read(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each header is parsed once per analysis: the volume's own reader is never called."""
+    import models.volume
+
+    def read_again(path: Path) -> None:
+        raise AssertionError(f"{path} read a second time")
+
+    monkeypatch.setattr(models.volume, "read_deferred", read_again)
+    rows = analyse_one_series(_series(tmp_path, 4), registry)
+    vol = [r for r in rows if r["model_name"] == "vol"]
+    assert len(vol) == 2 and not any(r.get("error") for r in vol)
