@@ -291,9 +291,7 @@ def _failed(series_uid: str, model: Any, exc: Exception, shadow: frozenset[str])
         "series analysis failed",
         extra=kv(series=series_uid, model=name, error=str(exc)[:300]),
     )
-    if model is None:
-        return _failure_row(series_uid, name, exc)
-    return _failure_row(series_uid, name, exc, model.manifest, shadow)
+    return _failure_row(series_uid, name, exc, None if model is None else model.manifest, shadow)
 
 
 def _analysed(series_uid: str, model: str, seconds: float, early: bool, **counts: int) -> None:

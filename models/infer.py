@@ -18,7 +18,14 @@ import numpy as np
 
 from models.loaded import LoadedModel
 from models.manifest import Manifest
-from models.ordering import FileGeometry, OrderReport, SliceRef, arrange, geometry_of
+from models.ordering import (
+    FileGeometry,
+    OrderReport,
+    SliceRef,
+    arrange,
+    file_refs,
+    geometry_of,
+)
 from models.preprocess import decode_dataset, read_dataset
 from models.registry import Choice, Registry, SeriesInfo
 
@@ -125,13 +132,8 @@ def _geometry(path: Path, arrays: Mapping[str, np.ndarray], at: int, start: int,
     """File `at`'s geometry back from `_geometry_arrays`; its frames' positions from `start`."""
     rows, columns = (int(n) for n in arrays["sizes"][at])
     number = int(arrays["numbers"][at]) if arrays["numbered"][at] else None
-    multiframe = bool(arrays["multiframe"][at])
-    refs = tuple(
-        SliceRef(path=path, sop_instance_uid=str(arrays["uids"][at]),
-                 frame=index + 1 if multiframe else None, position=None,
-                 instance_number=number, rows=rows, columns=columns)
-        for index in range(frames)
-    )
+    refs = file_refs(path, str(arrays["uids"][at]), number, rows, columns, frames,
+                     bool(arrays["multiframe"][at]))
     positions = tuple(_known_or_none(p) for p in arrays["positions"][start:start + frames])
     return FileGeometry(refs, _known_or_none(arrays["orientations"][at]), positions)
 
@@ -156,8 +158,10 @@ def _stacked(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-_KEPT = ("paths", "stamps", "counts", "probabilities", "embeddings", "uids", "numbers",
-         "numbered", "sizes", "multiframe", "orientations", "positions")
+# The arrays of a kept file: one row per file, or one per frame (of all files, in order).
+_PER_FILE = ("paths", "stamps", "counts", "uids", "numbers", "numbered", "sizes", "multiframe",
+             "orientations")
+_PER_FRAME = ("probabilities", "embeddings", "positions")
 
 
 def outputs_from_bytes(data: bytes) -> dict[Path, FileOutputs]:
@@ -165,14 +169,12 @@ def outputs_from_bytes(data: bytes) -> dict[Path, FileOutputs]:
     outputs carried their files' geometry)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in _KEPT}
+            arrays = {name: npz[name] for name in (*_PER_FILE, *_PER_FRAME)}
     except (OSError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"not a file of CNN outputs: {error}") from error
     counts = arrays["counts"]
-    per_file = [len(arrays[name]) for name in ("paths", "stamps", "uids", "numbers", "numbered",
-                                                "sizes", "multiframe", "orientations")]
-    if len(set(per_file)) != 1 or per_file[0] != len(counts) or any(
-        counts.sum() != len(arrays[name]) for name in ("probabilities", "positions")
+    if {len(arrays[name]) for name in _PER_FILE} != {len(counts)} or any(
+        len(arrays[name]) != counts.sum() for name in _PER_FRAME
     ):
         raise ValueError("a file of CNN outputs whose parts disagree")
     ends = np.cumsum(counts)

@@ -115,22 +115,37 @@ class FileGeometry:
     positions: tuple[np.ndarray | None, ...]
 
 
+def file_refs(path: Path, sop_instance_uid: str, instance_number: int | None, rows: int,
+              columns: int, frames: int, multiframe: bool) -> tuple[SliceRef, ...]:
+    """One file's image rows, not yet placed along the slice axis: one per frame, each
+    numbered (1-based) when the file is a multi-frame object."""
+    return tuple(
+        SliceRef(
+            path=path,
+            sop_instance_uid=sop_instance_uid,
+            frame=index + 1 if multiframe else None,
+            position=None,
+            instance_number=instance_number,
+            rows=rows,
+            columns=columns,
+        )
+        for index in range(frames)
+    )
+
+
 def geometry_of(path: Path, ds: Dataset) -> FileGeometry:
     """The image rows one file (header or full dataset) contributes, with its geometry."""
     frames = int(ds.get("NumberOfFrames") or 1)
     positions, orientation = _frame_geometry(ds, frames)
     number = ds.get("InstanceNumber")
-    refs = tuple(
-        SliceRef(
-            path=path,
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-            frame=index + 1 if "NumberOfFrames" in ds else None,
-            position=None,
-            instance_number=int(number) if number not in (None, "") else None,
-            rows=int(ds.get("Rows", 0)),
-            columns=int(ds.get("Columns", 0)),
-        )
-        for index in range(frames)
+    refs = file_refs(
+        path,
+        str(ds.get("SOPInstanceUID", "")),
+        int(number) if number not in (None, "") else None,
+        int(ds.get("Rows", 0)),
+        int(ds.get("Columns", 0)),
+        frames,
+        "NumberOfFrames" in ds,
     )
     return FileGeometry(refs, orientation, tuple(positions))
 

@@ -251,11 +251,11 @@ def _report_content(
     library_images = list(library.values())
     procedure = procedure_reported(sources[0])
     if findings:
-        sources = _source_items(findings)
+        cited = _source_items(findings)
         report = MeasurementReport(
             observation_context=_observation_context(device),
             procedure_reported=procedure,
-            imaging_measurements=[_measurement_group(f, sources) for f in findings],
+            imaging_measurements=[_measurement_group(f, cited) for f in findings],
             title=_IMAGING_MEASUREMENT_REPORT,
             language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(_LANGUAGE),
         )
